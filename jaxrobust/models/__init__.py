@@ -1,0 +1,105 @@
+"""Model registry, initialisation and the closures attacks/bounds consume.
+
+``create_model(name, num_classes, **kwargs)`` returns a Flax module; ``make_logits_fn`` turns
+(model, variables) into ``x -> logits`` with an explicit BatchNorm mode:
+
+- ``bn_mode='eval'`` (default; what attacks, bounds and certification should use): running averages,
+  the model is a fixed deterministic function of x.
+- ``bn_mode='train'``: batch statistics of the (adversarial) batch, as the original Madry et al. code
+  does while generating attacks during training; the running averages are NOT updated (the mutated
+  collection is discarded), so an attack never leaks into the stored statistics.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Dict
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrobust.models.zoo import (FCNet, LeNet, PreActResNet18, ResNet, SmallCNN, VGG,
+                                  WideResNet)
+
+_REGISTRY: Dict[str, Callable[..., Any]] = {
+    "fc": lambda num_classes, **kw: FCNet(num_classes=num_classes, **kw),
+    "fc1": lambda num_classes, **kw: FCNet(widths=(1024,), num_classes=num_classes, **kw),
+    "fc3x1024": lambda num_classes, **kw: FCNet(widths=(1024,) * 3, num_classes=num_classes, **kw),
+    "cnn_small": lambda num_classes, **kw: SmallCNN(num_classes=num_classes, **kw),
+    "lenet": lambda num_classes, **kw: LeNet(num_classes=num_classes, **kw),
+    "vgg": lambda num_classes, **kw: VGG(num_classes=num_classes, **kw),
+    "resnet18": lambda num_classes, **kw: ResNet((2, 2, 2, 2), "basic", num_classes=num_classes, **kw),
+    "preact_resnet18": lambda num_classes, **kw: PreActResNet18(num_classes=num_classes, **kw),
+    "wide_resnet": lambda num_classes, **kw: WideResNet(num_classes=num_classes, **kw),
+    "wrn28_10": lambda num_classes, **kw: WideResNet(28, 10, num_classes=num_classes, **kw),
+    "wrn34_10": lambda num_classes, **kw: WideResNet(34, 10, num_classes=num_classes, **kw),
+    # §5.1 pruning backbones: no biases anywhere, non-affine BN, optional last 1-D BN (last_bn=True).
+    "cifar_resnet18": lambda num_classes, **kw: ResNet((2, 2, 2, 2), "basic", num_classes=num_classes,
+                                                       affine_bn=False, fc_bias=False, **kw),
+    "cifar_resnet34": lambda num_classes, **kw: ResNet((3, 4, 6, 3), "basic", num_classes=num_classes,
+                                                       affine_bn=False, fc_bias=False, **kw),
+    "cifar_resnet50": lambda num_classes, **kw: ResNet((3, 4, 6, 3), "bottleneck",
+                                                       num_classes=num_classes, affine_bn=False,
+                                                       fc_bias=False, **kw),
+}
+
+
+def list_models():
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, num_classes: int = 10, **kwargs):
+    """Builds a registered model. Unknown names or keyword arguments raise a ValueError."""
+    if name not in _REGISTRY:
+        raise ValueError(f"Unknown model {name!r}. Available models: {', '.join(list_models())}.")
+    if "dtype" in kwargs and isinstance(kwargs["dtype"], str):
+        kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+    for k in ("mean", "std", "widths"):
+        if k in kwargs and kwargs[k] is not None and not isinstance(kwargs[k], tuple):
+            kwargs[k] = tuple(kwargs[k])
+    try:
+        return _REGISTRY[name](num_classes, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"Bad arguments for model {name!r}: {e}") from None
+
+
+def init_variables(model, key, input_shape, batch_size: int = 1):
+    """Initialises ``model`` on a zero batch of ``(batch_size, *input_shape)``."""
+    x = jnp.zeros((batch_size,) + tuple(input_shape), jnp.float32)
+    return jax.jit(functools.partial(model.init, train=False))(key, x)
+
+
+def count_params(tree, kernels_only: bool = False) -> int:
+    """Number of scalars in a pytree; ``kernels_only`` counts conv/dense kernels ("weights")."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    total = 0
+    for path, leaf in leaves:
+        if kernels_only and getattr(path[-1], "key", None) != "kernel":
+            continue
+        total += int(np.prod(leaf.shape))
+    return total
+
+
+def make_logits_fn(model, variables, bn_mode: str = "eval") -> Callable:
+    """``x -> logits`` closure over ``variables`` with the BatchNorm mode described above."""
+    if bn_mode == "eval":
+        return lambda x: model.apply(variables, x, train=False)
+    if bn_mode == "train":
+        def fn(x):
+            logits, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+            return logits
+        return fn
+    raise ValueError(f"Unknown bn_mode {bn_mode!r}; expected 'eval' or 'train'.")
+
+
+def apply_train(model, variables, x):
+    """Train-mode forward: ``(logits, new_model_state)`` (batch statistics updated)."""
+    if "batch_stats" not in variables:
+        return model.apply(variables, x, train=True), {}
+    logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    return logits, updates
+
+
+__all__ = ["create_model", "list_models", "init_variables", "count_params", "make_logits_fn",
+           "apply_train", "FCNet", "SmallCNN", "LeNet", "VGG", "ResNet", "PreActResNet18",
+           "WideResNet"]
