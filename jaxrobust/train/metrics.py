@@ -1,0 +1,72 @@
+"""Metrics as JSON lines (``WORKDIR/metrics.jsonl``) + TensorBoard events, and a progress meter."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+
+def _to_py(v):
+    v = np.asarray(jax.device_get(v))
+    return v.item() if v.ndim == 0 else v.tolist()
+
+
+class MetricWriter:
+    """Writes ``{"step", "split", **metrics}`` lines; only process 0 writes."""
+
+    def __init__(self, workdir: str, tensorboard: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.tb = None
+        if self.enabled and tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # TensorBoard is optional
+                self.tb = None
+
+    def write(self, step: int, split: str, metrics: dict):
+        if not self.enabled:
+            return
+        rec = {"step": int(step), "split": split, **{k: _to_py(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.tb is not None:
+            for k, v in rec.items():
+                if k not in ("step", "split") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{split}/{k}", v, int(step))
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(workdir: str):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """Rate and ETA for long loops (printed every ``every`` steps to stderr)."""
+
+    def __init__(self, total: int, start: int = 0, every: int = 50, name: str = "train"):
+        self.total, self.start, self.every, self.name = total, start, every, name
+        self.t0 = time.time()
+
+    def rate(self, step: int) -> float:
+        return (step - self.start) / max(time.time() - self.t0, 1e-9)
+
+    def line(self, step: int, extra: str = "") -> str:
+        r = self.rate(step)
+        eta = (self.total - step) / r if r > 0 else float("inf")
+        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if np.isfinite(eta) else "?"
+        return (f"[{self.name}] step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%) "
+                f"| {r:.2f} steps/s | ETA {eta_s} {extra}")
+
+    def maybe_print(self, step: int, extra: str = ""):
+        if jax.process_index() == 0 and (step % self.every == 0 or step == self.total):
+            print(self.line(step, extra), file=sys.stderr, flush=True)

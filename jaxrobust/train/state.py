@@ -1,0 +1,35 @@
+"""Training state: everything a step needs, and everything a checkpoint must hold."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict
+
+import jax
+import optax
+from flax import struct
+
+
+@struct.dataclass
+class TrainState:
+    """``params``, mutable model collections (``model_state``: batch_stats, masks/scores...),
+    ``opt_state``, ``step``, base PRNG ``key`` (per-step keys are ``fold_in(key, step)`` so a resumed
+    run draws the same numbers) and ``instance_state``: arrays of leading size = training-set size,
+    indexed by each example's dataset index (per-instance ε, cached perturbations, difficulty...)."""
+    step: jax.Array
+    params: Any
+    model_state: Dict[str, Any]
+    opt_state: Any
+    key: jax.Array
+    instance_state: Dict[str, jax.Array]
+    apply_fn: Callable = struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+    def variables(self):
+        return {"params": self.params, **self.model_state}
+
+    def checkpoint_tree(self):
+        """The array part of the state (what orbax saves)."""
+        return {"step": self.step, "params": self.params, "model_state": self.model_state,
+                "opt_state": self.opt_state, "key": self.key, "instance_state": self.instance_state}
+
+    def from_checkpoint_tree(self, tree):
+        return self.replace(**tree)
