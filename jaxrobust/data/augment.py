@@ -6,6 +6,8 @@ original frame with ``invert_crop_flip`` and re-augmented next epoch.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -14,7 +16,7 @@ def _crop_one(img, offset, h, w):
     return jax.lax.dynamic_slice(img, (offset[0], offset[1], 0), (h, w, img.shape[-1]))
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames=("pad",))
 def apply_crop_flip(images, offsets, flips, pad: int = 4):
     """Zero-pads by ``pad``, crops at ``offsets`` (N,2) and flips horizontally where ``flips``."""
     n, h, w, c = images.shape
@@ -36,7 +38,7 @@ def random_crop_flip(key, images, pad: int = 4, flip: bool = True):
     return apply_crop_flip(images, offsets, flips, pad), offsets, flips
 
 
-@jax.jit
+@functools.partial(jax.jit, static_argnames=("pad",))
 def invert_crop_flip(aug, offsets, flips, pad: int = 4):
     """Maps a tensor from augmented coordinates back to the original frame.
 
