@@ -146,7 +146,7 @@ def test_sharded_batches_on_four_fake_devices():
         from jax.sharding import NamedSharding, PartitionSpec as P
         from jaxrobust.data import in_memory_split, batch_iterator
         assert jax.device_count() == 4
-        mesh = jax.make_mesh((4,), ('data',))
+        mesh = jax.make_mesh((4,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
         split = in_memory_split(np.arange(50, dtype=np.float32).reshape(50, 1), np.arange(50) % 10)
         bs = list(batch_iterator(split, 8, shuffle=False, drop_remainder=False,
                                  sharding=NamedSharding(mesh, P('data'))))

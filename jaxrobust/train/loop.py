@@ -63,7 +63,11 @@ def build_threat(config, info=None) -> ThreatModel:
 
 
 def make_mesh():
-    return jax.make_mesh((jax.device_count(),), ("data",))
+    """A 1-D data-parallel mesh over every device. Axis type Auto (GSPMD propagation): recent JAX
+    defaults to Explicit sharding-in-types, which would force every per-example op (vmapped crops,
+    attacks) to spell out shardings; Auto lets XLA propagate the batch sharding."""
+    return jax.make_mesh((jax.device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def create_train_state(config, model, info, tx, train_size: int, ctx) -> TrainState:
