@@ -36,7 +36,8 @@ def _strength(logits, y, y_target, targeted):
 
 def pgd(logits_fn, x, y, key, threat: ThreatModel, *, steps: int = 10, step_size=None,
         loss: str = "ce", restarts: int = 1, random_start: bool = True, targeted: bool = False,
-        y_target=None, early_stop: bool = False, step_schedule: str = "constant"):
+        y_target=None, early_stop: bool = False, step_schedule: str = "constant",
+        unroll=None):
     """PGD with restarts; returns the strongest point per example (by CW margin), shape of ``x``.
 
     Args:
@@ -45,6 +46,9 @@ def pgd(logits_fn, x, y, key, threat: ThreatModel, *, steps: int = 10, step_size
       loss: 'ce', 'cw' or 'dlr' (targeted forms when ``targeted``; ``y_target`` (B,) required).
       restarts: independent runs (each from a random start if ``random_start``); the best per example
         is kept. early_stop: freeze an example once it is broken (its best point is kept).
+      unroll: unroll the step loop (None: when ``steps <= 20``). XLA:CPU runs convolutions inside a
+        while loop ~3.7x slower than unrolled (measured on ResNet18), so the short attacks of
+        adversarial training are unrolled; long evaluation attacks keep the loop (compile time).
     """
     if steps < 0 or restarts < 1:
         raise ValueError(f"steps must be >= 0 and restarts >= 1, got {steps}, {restarts}.")
@@ -80,7 +84,9 @@ def pgd(logits_fn, x, y, key, threat: ThreatModel, *, steps: int = 10, step_size
             xa = jnp.where(active.reshape((-1,) + (1,) * (x.ndim - 1)), xn, xa)
             return xa, bx, bs
 
-        xa, bx, bs = jax.lax.fori_loop(0, steps, body, (x_start, best_x, best_s))
+        do_unroll = steps <= 20 if unroll is None else unroll
+        xa, bx, bs = jax.lax.fori_loop(0, steps, body, (x_start, best_x, best_s),
+                                       unroll=bool(do_unroll) and steps > 0)
         return update_best(bx, bs, xa, _strength(logits_fn(xa), y, y_target, targeted))
 
     keys = jax.random.split(key, restarts)
