@@ -1,0 +1,23 @@
+"""Schema of evaluation configs (python -m experiments.evaluate --config=configs/eval/X.py --workdir=RUN)."""
+import ml_collections
+
+
+def base_eval_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.split = "test"
+    c.num_examples = 1000  # <= 0: the whole split
+    c.batch_size = 500
+    c.attacks = ("apgd-ce", "apgd-t", "square")
+    c.mode = "standard"  # standard: sequential worst case; individual: each attack alone
+    c.threat = ml_collections.ConfigDict()
+    c.threat.norm = ""  # "" = the training run's norm
+    c.threat.eps = -1.0  # < 0 = the training run's eps
+    c.n_iter = 100  # APGD iterations
+    c.n_queries = 5000  # Square queries
+    c.pgd_steps = 20
+    c.pgd_restarts = 1
+    c.n_target_classes = 9
+    c.save_adversarial = False  # RUN/eval_adversarial.npz
+    c.resume = True  # resume from RUN/eval_state.npz if an earlier evaluation was interrupted
+    return c
