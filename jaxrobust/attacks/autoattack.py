@@ -147,14 +147,14 @@ def evaluate_robustness(logits_fn, x, y, key, threat: ThreatModel, *,
             if state_path:
                 _save_state(state_path, state)
         acc = (state["robust"].mean() if mode == "standard" else state["individual_robust"][a].mean())
-        log(f"[{name}] robust accuracy {100 * acc:.2f}% ({state['seconds'][a]:.1f}s)")
         state["attack_pos"] = np.int64(a + 1)
         state["batch_pos"] = np.int64(0)
         state["todo"] = np.flatnonzero(state["robust"]) if mode == "standard" else np.flatnonzero(clean)
         if mode == "standard":
             state["individual_robust"][a] = state["robust"]
         if state_path:
-            _save_state(state_path, state)
+            _save_state(state_path, state)  # before reporting: a kill now never redoes this attack
+        log(f"[{name}] robust accuracy {100 * acc:.2f}% ({state['seconds'][a]:.1f}s)")
 
     per_attack = {name: float(state["individual_robust"][a].mean()) for a, name in enumerate(attacks)}
     # Gradient-masking check: Square doing better than every white-box attack.
