@@ -1,10 +1,10 @@
-"""AutoAttack-style standard evaluation: APGD-CE, APGD-T (9 targets), Square 5000, each on the points still robust (FAB-T is not implemented yet)."""
+"""AutoAttack standard evaluation: APGD-CE, APGD-T (9 targets), FAB-T (9 targets), Square 5000, each on the points still robust."""
 from configs.eval.common import base_eval_config
 
 
 def get_config(arg: str = ""):
     c = base_eval_config()
-    c.attacks = ('apgd-ce', 'apgd-t', 'square')
+    c.attacks = ('apgd-ce', 'apgd-t', 'fab-t', 'square')
     c.mode = "standard"
     c.pgd_steps = 20
     if arg == "smoke":

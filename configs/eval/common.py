@@ -8,7 +8,7 @@ def base_eval_config() -> ml_collections.ConfigDict:
     c.split = "test"
     c.num_examples = 1000  # <= 0: the whole split
     c.batch_size = 500
-    c.attacks = ("apgd-ce", "apgd-t", "square")
+    c.attacks = ("apgd-ce", "apgd-t", "fab-t", "square")
     c.mode = "standard"  # standard: sequential worst case; individual: each attack alone
     c.threat = ml_collections.ConfigDict()
     c.threat.norm = ""  # "" = the training run's norm

@@ -59,6 +59,7 @@ def apgd(logits_fn, x, y, key, threat: ThreatModel, *, n_iter: int = 100, n_rest
     is_check, k_at = jnp.asarray(is_check_np), jnp.asarray(k_at_np)
     eps = threat.eps_for(x)
     b = x.shape[0]
+    step0 = 2.0 if threat.norm in ("linf", "l2") else 1.0  # the reference's initial step / eps
 
     def loss_and_grad(xa):
         def total(z):
@@ -79,7 +80,7 @@ def apgd(logits_fn, x, y, key, threat: ThreatModel, *, n_iter: int = 100, n_rest
         x_best_adv = jnp.where(_bcast(adv, x), x_adv, x)
         carry = dict(x_adv=x_adv, x_old=x_adv, grad=grad, grad_best=grad, x_best=x_adv,
                      x_best_adv=x_best_adv, adv=adv, loss_best=li,
-                     loss_steps=jnp.zeros((n_iter, b), x.dtype), step=2.0 * eps,
+                     loss_steps=jnp.zeros((n_iter, b), x.dtype), step=step0 * eps,
                      reduced_last=jnp.ones((b,), bool), loss_best_last=li)
         steps_idx = jnp.arange(n_iter)
 

@@ -11,7 +11,8 @@ like probabilities instead of logits, zero input gradients, and Square beating t
 by more than 0.2% (possible gradient masking).
 
 Attacks available: 'pgd' (CE, ``pgd_steps``), 'apgd-ce', 'apgd-dlr', 'apgd-t' (targeted DLR, 9
-targets), 'square' (``n_queries``). AutoAttack's FAB-T is not implemented yet.
+targets), 'fab-t' (targeted FAB, 9 targets), 'square' (``n_queries``). ``STANDARD`` is AutoAttack's
+standard version: APGD-CE, APGD-T, FAB-T, Square-5000.
 """
 from __future__ import annotations
 
@@ -26,12 +27,13 @@ import numpy as np
 
 from jaxrobust.attacks import losses
 from jaxrobust.attacks.apgd import apgd, apgd_targeted
+from jaxrobust.attacks.fab import fab
 from jaxrobust.attacks.pgd import pgd
 from jaxrobust.attacks.square import square
 from jaxrobust.threat import ThreatModel
 
-STANDARD = ("apgd-ce", "apgd-t", "square")
-WHITE_BOX = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t")
+STANDARD = ("apgd-ce", "apgd-t", "fab-t", "square")
+WHITE_BOX = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t")
 
 
 def make_attack(name: str, logits_fn, threat: ThreatModel, *, n_iter: int = 100,
@@ -45,6 +47,8 @@ def make_attack(name: str, logits_fn, threat: ThreatModel, *, n_iter: int = 100,
         "apgd-dlr": lambda x, y, k: apgd(logits_fn, x, y, k, threat, n_iter=n_iter, loss="dlr"),
         "apgd-t": lambda x, y, k: apgd_targeted(logits_fn, x, y, k, threat, n_iter=n_iter,
                                                 n_target_classes=n_target_classes),
+        "fab-t": lambda x, y, k: fab(logits_fn, x, y, k, threat, n_iter=n_iter, targeted=True,
+                                     n_target_classes=n_target_classes),
         "square": lambda x, y, k: square(logits_fn, x, y, k, threat, n_queries=n_queries),
     }
     if name not in table:
