@@ -5,7 +5,8 @@ Random-search over square-shaped updates with the margin loss z_y - max_{i≠y} 
 square side follows AutoAttack's p schedule with ``resc_schedule=False`` (p halves at queries 10, 50,
 200, 500, 1000, 2000, 4000, 6000, 8000 from p_init = 0.8). The loop is a fixed-shape `fori_loop`;
 points already fooled are masked (their queries are not counted and they no longer move), so only
-still-robust points are effectively queried. NHWC images only.
+still-robust points are effectively queried. NHWC images only. The l_2 version follows the
+reference's meta-pseudo-Gaussian windows; window sizes are traced values, so windows are masks.
 """
 from __future__ import annotations
 
@@ -33,11 +34,37 @@ def _square_side(p, h, w, c):
 def _window_mask(key, h, w, s):
     """A random s x s window mask (H, W), shared by the batch as in the reference code."""
     k1, k2 = jax.random.split(key)
-    vh = jax.random.randint(k1, (), 0, h - s + 1)
-    vw = jax.random.randint(k2, (), 0, w - s + 1)
+    vh = jax.random.randint(k1, (), 0, jnp.maximum(h - s, 1))
+    vw = jax.random.randint(k2, (), 0, jnp.maximum(w - s, 1))
     rows = jnp.arange(h)
     cols = jnp.arange(w)
     return ((rows >= vh) & (rows < vh + s))[:, None] & ((cols >= vw) & (cols < vw + s))[None, :], vh, vw
+
+
+def _eta_rectangles(i, j, nx, ny, kmax):
+    """Reference ``eta_rectangles(nx, ny)`` at local coordinates (i, j): the sum of 1/(k+1)^2 over
+    the concentric squares k >= Chebyshev distance to (nx//2, ny//2), k < max(nx//2+1, ny//2+1)."""
+    m = jnp.maximum(jnp.abs(i - nx // 2), jnp.abs(j - ny // 2))
+    kk = jnp.arange(kmax)
+    big_k = jnp.maximum(nx // 2 + 1, ny // 2 + 1)
+    terms = jnp.where((kk >= m[..., None]) & (kk < big_k), 1.0 / (kk + 1.0) ** 2, 0.0)
+    inside = (i >= 0) & (i < nx) & (j >= 0) & (j < ny)
+    return jnp.where(inside, terms.sum(-1), 0.0)
+
+
+def meta_pseudo_gaussian(rows, cols, vh, vw, s, transpose, kmax):
+    """The reference l_2 window perturbation on an s x s square at (vh, vw), laid on the (H, W)
+    grid: +eta on the upper half, -eta on the lower half (each unit-normalised), the whole unit
+    l_2 norm, transposed when ``transpose``. Zero outside the window."""
+    i, j = rows - vh, cols - vw
+    i, j = jnp.where(transpose, j, i), jnp.where(transpose, i, j)
+    half = s // 2
+    top = _eta_rectangles(i, j, half, s, kmax)
+    bot = _eta_rectangles(i - half, j, s - half, s, kmax)
+    top = top / jnp.maximum(jnp.sqrt(jnp.sum(top ** 2)), 1e-12)
+    bot = bot / jnp.maximum(jnp.sqrt(jnp.sum(bot ** 2)), 1e-12)
+    pert = top - bot
+    return pert / jnp.maximum(jnp.sqrt(jnp.sum(pert ** 2)), 1e-12)
 
 
 def square(logits_fn, x, y, key, threat: ThreatModel, *, n_queries: int = 5000,
@@ -47,6 +74,8 @@ def square(logits_fn, x, y, key, threat: ThreatModel, *, n_queries: int = 5000,
     Args: x (B, H, W, C) in the box; y (B,). Returns x_adv (and the number of queries per example
     when ``return_queries``). The model is only queried, never differentiated.
     """
+    if threat.per_feature_eps is not None:
+        raise ValueError("Square attack does not support per-feature eps.")
     if threat.norm not in ("linf", "l2"):
         raise ValueError(f"Square attack supports 'linf' and 'l2', got {threat.norm!r}.")
     if x.ndim != 4:
@@ -65,9 +94,21 @@ def square(logits_fn, x, y, key, threat: ThreatModel, *, n_queries: int = 5000,
         stripes = jax.random.choice(k_init, jnp.array([-1.0, 1.0]), (b, 1, w, c))
         x_best = jnp.clip(x + _bcast(eps, x) * stripes, lo, hi)
     else:
-        # l2 init: a grid of pseudo-gaussian blocks with random signs, rescaled to norm ε
-        delta = jax.random.normal(k_init, x.shape)
-        delta = delta / jnp.sqrt(jnp.sum(delta ** 2, axis=(1, 2, 3), keepdims=True))
+        # l2 init (reference): a grid of s = H//5 meta-pseudo-Gaussian blocks with random signs
+        # per (example, channel), normalised to l_2 norm ε.
+        rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+        s0 = h // 5
+        start = (h - 5 * s0) // 2
+        delta = jnp.zeros(x.shape)
+        kb = jax.random.split(k_init, (h // s0) ** 2)
+        n_blk = 0
+        for a in range(h // s0):
+            for bb in range(h // s0):
+                pert = meta_pseudo_gaussian(rows, cols, start + a * s0, start + bb * s0, s0, False, h)
+                sg = jax.random.choice(kb[n_blk], jnp.array([-1.0, 1.0]), (b, 1, 1, c))
+                delta = delta + pert[None, :, :, None] * sg
+                n_blk += 1
+        delta = delta / jnp.maximum(_bcast(jnp.sqrt(jnp.sum(delta ** 2, axis=(1, 2, 3))), x), 1e-12)
         x_best = jnp.clip(x + _bcast(eps, x) * delta, lo, hi)
     margin_min = margin_of(x_best)
     queries = jnp.ones((b,), jnp.int32)
@@ -87,26 +128,32 @@ def square(logits_fn, x, y, key, threat: ThreatModel, *, n_queries: int = 5000,
             x_new = jnp.clip(x_new, jnp.maximum(lo, x - _bcast(eps, x)),
                              jnp.minimum(hi, x + _bcast(eps, x)))
         else:
-            # l2 (a simplified form of the reference's update): the energy of two windows is
-            # re-spent on a fresh random-sign, centre-weighted bump in the first one, so the
-            # perturbation keeps l2 norm ε. The reference uses meta-pseudo-Gaussian bumps.
-            delta = x_best - x
+            # l2 (reference update): a fresh meta-pseudo-Gaussian window plus the normalised old
+            # content of window 1 receives the energy of windows 1 and 2 plus the unused budget
+            # (per channel); window 2 is zeroed; the whole perturbation is rescaled to norm ε.
+            s = jnp.maximum(s, 3)
+            s = jnp.where(s % 2 == 0, s + 1, s)
+            s = jnp.minimum(s, h - 1)
+            win, vh, vw = _window_mask(k_win, h, w, s)
+            win = win[None, :, :, None]
             win2, _, _ = _window_mask(k_win2, h, w, s)
             win2 = win2[None, :, :, None]
-            both = win | win2
-            norm_rest = jnp.sqrt(jnp.sum(jnp.where(both, 0.0, delta) ** 2, axis=(1, 2, 3)))
-            budget = jnp.sqrt(jnp.maximum(eps ** 2 - norm_rest ** 2, 0.0))
-            signs = jax.random.choice(k_sign, jnp.array([-1.0, 1.0]), (b, 1, 1, c))
-            rr = jnp.arange(h)[:, None]
-            cc = jnp.arange(w)[None, :]
-            bump = win[..., 0] * 1.0 / (1.0 + jnp.abs(rr - rr.mean()) + jnp.abs(cc - cc.mean()))
-            new_part = signs * bump[..., None]
-            new_part = new_part / jnp.maximum(
-                jnp.sqrt(jnp.sum(new_part ** 2, axis=(1, 2, 3), keepdims=True)), 1e-12)
-            delta_new = jnp.where(both, 0.0, delta) + _bcast(budget, x) * new_part
-            # ||delta_new|| <= ε by construction; clipping to the box (x is inside it) only
-            # shrinks coordinates, so it stays in the ball: no bisection needed per query.
-            x_new = jnp.clip(x + delta_new, lo, hi)
+            delta = x_best - x
+            sq = lambda v: jnp.sum(v ** 2, axis=(1, 2), keepdims=True)  # per (example, channel)
+            norms_window_1 = jnp.sqrt(sq(jnp.where(win, delta, 0.0)))
+            norms_image = jnp.sqrt(jnp.sum(delta ** 2, axis=(1, 2, 3)))
+            norms_windows = jnp.sqrt(jnp.sum(jnp.where(win | win2, delta, 0.0) ** 2, axis=(1, 2, 3)))
+            rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+            k_tr, k_sg = jax.random.split(k_sign)
+            pert = meta_pseudo_gaussian(rows, cols, vh, vw, s, jax.random.uniform(k_tr) > 0.5, h)
+            signs = jax.random.choice(k_sg, jnp.array([-1.0, 1.0]), (b, 1, 1, c))
+            new = pert[None, :, :, None] * signs + jnp.where(win, delta, 0.0) / (1e-12 + norms_window_1)
+            scale = jnp.sqrt(jnp.maximum(eps ** 2 - norms_image ** 2, 0.0) / c + norms_windows ** 2)
+            new = new / (1e-12 + jnp.sqrt(sq(new))) * _bcast(scale, x)
+            delta_new = jnp.where(win, new, jnp.where(win2, 0.0, delta))
+            d_norm = jnp.sqrt(jnp.sum(delta_new ** 2, axis=(1, 2, 3)))
+            x_new = jnp.clip(x + delta_new / _bcast(jnp.maximum(d_norm, 1e-12), x) * _bcast(eps, x),
+                             lo, hi)
         m_new = margin_of(x_new)
         improved = active & (m_new < margin_min)
         x_best = jnp.where(_bcast(improved, x), x_new, x_best)
