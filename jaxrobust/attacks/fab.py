@@ -77,8 +77,8 @@ def fab(logits_fn, x, y, key, threat: ThreatModel, *, n_iter: int = 100, n_resta
     within ε, else x. With ``return_norms`` also the minimal adversarial norms found ((B,), inf where
     none), i.e. FAB as a minimal-distortion attack.
     """
-    if threat.norm not in ("linf", "l2", "l1"):
-        raise ValueError(f"Unknown norm {threat.norm!r}.")
+    if threat.per_feature_eps is not None:
+        raise ValueError("FAB measures plain l_p distances: per-feature eps is not supported.")
     threat.validate_inputs(x, y)
     b = x.shape[0]
     shape = x.shape
