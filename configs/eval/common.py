@@ -21,3 +21,12 @@ def base_eval_config() -> ml_collections.ConfigDict:
     c.save_adversarial = False  # RUN/eval_adversarial.npz
     c.resume = True  # resume from RUN/eval_state.npz if an earlier evaluation was interrupted
     return c
+
+
+def apply_variant(c: ml_collections.ConfigDict, arg: str) -> ml_collections.ConfigDict:
+    """``:smoke`` shrinks every budget so an evaluation runs in seconds (tests)."""
+    if arg == "smoke":
+        c.num_examples, c.batch_size, c.n_iter, c.n_queries, c.pgd_steps = 64, 32, 10, 50, 5
+    elif arg:
+        raise ValueError(f"Unknown config variant {arg!r}; expected '' or 'smoke'.")
+    return c

@@ -1,5 +1,5 @@
 """PGD-20 (CE, random start, step 2.5 eps/20)."""
-from configs.eval.common import base_eval_config
+from configs.eval.common import apply_variant, base_eval_config
 
 
 def get_config(arg: str = ""):
@@ -7,8 +7,4 @@ def get_config(arg: str = ""):
     c.attacks = ('pgd',)
     c.mode = "standard"
     c.pgd_steps = 20
-    if arg == "smoke":
-        c.num_examples, c.batch_size, c.n_iter, c.n_queries, c.pgd_steps = 64, 32, 10, 50, 5
-    elif arg:
-        raise ValueError(f"Unknown config variant {arg!r}; expected '' or 'smoke'.")
-    return c
+    return apply_variant(c, arg)

@@ -216,6 +216,7 @@ class ResNet(nn.Module):
 
 
 class PreActBlock(nn.Module):
+    """Pre-activation basic block (BN-ReLU-conv twice), shared by PreActResNet and WideResNet."""
     channels: int
     stride: int = 1
     dtype: Any = jnp.float32
@@ -251,24 +252,6 @@ class PreActResNet18(nn.Module):
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
-class WideBlock(nn.Module):
-    channels: int
-    stride: int = 1
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, train: bool):
-        out = nn.relu(_bn(train, dtype=self.dtype)(x))
-        shortcut = x
-        if self.stride != 1 or x.shape[-1] != self.channels:
-            shortcut = nn.Conv(self.channels, (1, 1), self.stride, use_bias=False, dtype=self.dtype)(out)
-        y = nn.Conv(self.channels, (3, 3), self.stride, padding=((1, 1), (1, 1)), use_bias=False,
-                    dtype=self.dtype)(out)
-        y = nn.relu(_bn(train, dtype=self.dtype)(y))
-        y = nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype)(y)
-        return y + shortcut
-
-
 class WideResNet(nn.Module):
     """WRN-depth-widen (Zagoruyko & Komodakis 2016): (depth - 4) / 6 blocks per stage."""
     depth: int = 28
@@ -287,7 +270,7 @@ class WideResNet(nn.Module):
         x = nn.Conv(16, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype)(x)
         for i, c in enumerate((16 * self.widen, 32 * self.widen, 64 * self.widen)):
             for j in range(n):
-                x = WideBlock(c, 2 if (i > 0 and j == 0) else 1, dtype=self.dtype)(x, train)
+                x = PreActBlock(c, 2 if (i > 0 and j == 0) else 1, dtype=self.dtype)(x, train)
         x = nn.relu(_bn(train, dtype=self.dtype)(x))
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
