@@ -202,3 +202,34 @@ def test_entrypoint_smoke(tmp_path):
     assert "steps/s" in out.stderr and "ETA" in out.stderr
     with open(tmp_path / "summary.json") as f:
         assert json.load(f)["steps"] == 4
+
+
+def test_registered_objective_with_per_instance_state(tmp_path):
+    """A new method is one registered objective; per-instance arrays are indexed by dataset index."""
+    from jaxrobust.train import register
+    from jaxrobust.train.objectives import _ce_and_metrics, forward_train
+
+    @register("test_track_loss")
+    def track_loss(ctx, params, model_state, batch, key, step, instance_state):
+        logits, new_state = forward_train(ctx.model, params, model_state, batch["image"])
+        loss, acc = _ce_and_metrics(logits, batch["label"], batch["mask"])
+        per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        seen = instance_state["times_seen"][batch["index"]] + 1
+        return loss, (new_state, {"last_loss": per_example, "times_seen": seen}, {"loss": loss})
+
+    track_loss.init_instance_state = lambda ctx, n, shape: {
+        "last_loss": -jnp.ones((n,)), "times_seen": jnp.zeros((n,), jnp.int32)}
+    c = tiny_config(**{"objective.name": "test_track_loss", "train.num_steps": 88})  # 2 epochs of 44 batches
+    wd = str(tmp_path)
+    train(c, wd)
+    from jaxrobust.train.checkpoint import Checkpointer
+    ck = Checkpointer(wd)
+    tree = ck.manager.restore(ck.latest_step())
+    ck.close()
+    inst = tree["instance_state"]
+    n_train = len(inst["times_seen"])
+    seen = np.asarray(inst["times_seen"])
+    # 2 epochs x 44 batches x 32 = 2816 updates; each epoch sees every example at most once
+    assert seen.sum() == 88 * 32 and seen.max() <= 2
+    assert np.all((np.asarray(inst["last_loss"]) >= 0) == (seen > 0))
+    assert n_train == 1438  # digits train split size: state is indexed by dataset index
