@@ -98,7 +98,7 @@ def square(logits_fn, x, y, key, threat: ThreatModel, *, n_queries: int = 5000,
         # per (example, channel), normalised to l_2 norm ε.
         rows, cols = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
         s0 = max(h // 5, 1)  # images smaller than 5 pixels get 1-pixel blocks
-        start = (h - 5 * s0) // 2
+        start = max((h - 5 * s0) // 2, 0)
         delta = jnp.zeros(x.shape)
         kb = jax.random.split(k_init, (h // s0) ** 2)
         n_blk = 0
