@@ -121,9 +121,8 @@ _RULES: Dict[str, Callable] = {
     "reshape": _structural, "broadcast_in_dim": _structural, "transpose": _structural,
     "squeeze": _structural, "expand_dims": _structural, "convert_element_type": _structural,
     "slice": _structural, "concatenate": _structural, "pad": _structural, "copy": _structural,
-    "copy_p": _structural, "rev": _structural, "select_and_gather_add": None,
+    "copy_p": _structural, "rev": _structural,
 }
-_RULES = {k: v for k, v in _RULES.items() if v is not None}
 # Calls that are inlined: primitive name -> params key of the inner (closed) jaxpr.
 _CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
           "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",

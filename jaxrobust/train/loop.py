@@ -103,7 +103,6 @@ def make_update_fn(ctx, objective, lr_schedule, augment: str):
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         inst = dict(state.instance_state)
-        n = None
         for name, value in inst_updates.items():
             n = inst[name].shape[0]
             # Padding rows (mask False) are dropped by pointing them out of range.
