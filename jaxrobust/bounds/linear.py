@@ -1,0 +1,579 @@
+"""Linear-relaxation bounds (thesis §3.1.1, Algorithm 3.1; CROWN / Fast-Lin; §3.3.1) for any JAX function.
+
+The function is traced once per example shape into a jaxpr; calls are inlined and every equation that
+depends on the input becomes a node of a tape. A forward pass over the tape computes interval bounds
+of every node (IBP, Algorithm 3.2). Linear bounds are then obtained *backwards*: a specification
+matrix Λ (rows = the linear functions of the output to bound) is pulled back through each node:
+
+* affine nodes (dense, conv, BatchNorm in eval mode, reshapes, residual additions, average pooling,
+  concatenation, ...) through ``jax.vjp`` of the node's own primitive -- no weight matrix is ever
+  materialised (a conv is pulled back by its transpose conv), the constant part ``h(0)`` of the node
+  adds <Λ, h(0)> to the bias;
+* activation nodes through a per-neuron linear relaxation  a_l z + b_l <= φ(z) <= a_u z + b_u
+  (eq. 3.3/3.6): positive rows of Λ take the lower line, negative rows the upper one;
+* max pooling through max >= x_{j*} (j* = argmax of the lower bounds in the window) and
+  max <= x_{j*} when j* dominates the window, else <= max of the upper bounds.
+
+At the input, <Λ_x, x'> is minimised exactly over S(x) = {x + ε⃗ ⊙ v : ||v||_p <= ε} ∩ box (l_inf, l_2
+and l_1, scalar or per-feature ε⃗; see :mod:`jaxrobust.bounds.geometry`) -- tighter than the dual-norm
+rule of Algorithm 3.1 whenever the box cuts the ball.
+
+Intermediate bounds (the [l, u] of each activation's input) come from IBP (CROWN-IBP, IBP-inspired
+linear bounds) or from the same backward pass with the identity specification (CROWN, Fast-Lin,
+Algorithm 3.1's O(L²) scheme); the two are intersected, which is always sound.
+
+Relaxations:
+  relu: 'adaptive' (CROWN: lower slope 1 if u > -l else 0) or 'same_slope' (Fast-Lin, eq. 3.4).
+  sigmoid/tanh: 'analytic' (eq. 3.5 and Table 3.1: two tangents with the chord's slope; closed form,
+  differentiable, used for training) or 'tight' (CROWN: chords and tangents found by bisection).
+
+Elision of the last layer is implicit: the specification (e.g. z_y - z_i) is pulled back through the
+final affine layers exactly, before any relaxation.
+
+Everything runs per example under ``jax.vmap``, is jit-able and differentiable in the parameters.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Dict, List, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+from jaxrobust.bounds import geometry
+from jaxrobust.bounds.ibp import (_CALLS, _RULES, Interval, UnsupportedPrimitiveError, _where)
+from jaxrobust.threat import ThreatModel
+
+# Primitives that are affine in their input-dependent operands (given the others are constants).
+_AFFINE = {"add", "add_any", "sub", "neg", "dot_general", "conv_general_dilated", "mul", "div",
+           "reshape", "broadcast_in_dim", "transpose", "squeeze", "expand_dims", "convert_element_type",
+           "slice", "concatenate", "pad", "copy", "copy_p", "rev", "reduce_sum", "reduce_window_sum",
+           "cumsum", "gather", "dynamic_slice", "select_n", "reduce_precision"}
+# Operands that must be constants for the primitive to be affine.
+_CONST_OPERANDS = {"dot_general": "one", "conv_general_dilated": "one", "mul": "one", "div": (1,),
+                   "gather": (1,), "dynamic_slice": "tail", "select_n": (0,), "pad": (1,)}
+_ACTIVATIONS = {"max", "min", "logistic", "tanh"}
+
+RELU_RELAXATIONS = ("adaptive", "same_slope")
+SIGMOID_RELAXATIONS = ("analytic", "tight")
+
+
+class _Node:
+    """An input-dependent equation of the flattened function."""
+    __slots__ = ("kind", "prim", "params", "ins", "out", "where", "const_arg")
+
+    def __init__(self, kind, prim, params, ins, out, where, const_arg=None):
+        self.kind, self.prim, self.params, self.ins, self.out = kind, prim, params, ins, out
+        self.where, self.const_arg = where, const_arg
+
+
+class _Ref:
+    """Reference to an input-dependent value (id into the tape's tables)."""
+    __slots__ = ("id",)
+
+    def __init__(self, i):
+        self.id = i
+
+
+class _Tape:
+    def __init__(self):
+        self.nodes: List[_Node] = []
+        self.iv: Dict[int, Interval] = {}
+        self.shape: Dict[int, tuple] = {}
+        self.dtype: Dict[int, Any] = {}
+        self.producer: Dict[int, int] = {}
+        self.done: set = set()  # refs whose interval was already tightened by CROWN
+        self.n = 0
+
+    def new(self, shape, dtype):
+        r = _Ref(self.n)
+        self.shape[r.id], self.dtype[r.id] = tuple(shape), dtype
+        self.n += 1
+        return r
+
+
+def _classify(name, ins, where):
+    is_dep = [isinstance(a, _Ref) for a in ins]
+    if name in _AFFINE:
+        rule = _CONST_OPERANDS.get(name)
+        if rule == "one" and sum(is_dep) > 1:
+            raise UnsupportedPrimitiveError(
+                f"'{name}' of two input-dependent operands (at {where}) is not affine; linear "
+                "relaxation bounds support products with constants only.")
+        if isinstance(rule, tuple) and any(is_dep[i] for i in rule):
+            raise UnsupportedPrimitiveError(
+                f"'{name}' with an input-dependent operand {rule} (at {where}) is not affine.")
+        if rule == "tail" and any(is_dep[1:]):
+            raise UnsupportedPrimitiveError(f"'{name}' with input-dependent indices (at {where}).")
+        return "affine"
+    if name in _ACTIVATIONS:
+        if name in ("max", "min") and all(is_dep):
+            raise UnsupportedPrimitiveError(
+                f"'{name}' of two input-dependent operands (at {where}) has no linear relaxation; "
+                "only max/min with a constant (relu, clipping) is supported.")
+        return "act"
+    if name == "reduce_window_max":
+        return "maxpool"
+    raise UnsupportedPrimitiveError(
+        f"Linear bound propagation has no rule for primitive '{name}' (at {where}). Supported: "
+        f"{', '.join(sorted(_AFFINE | _ACTIVATIONS | {'reduce_window_max'} | set(_CALLS)))}.")
+
+
+def _trace_tape(jaxpr, consts, args, tape: _Tape, on_activation, context=""):
+    """Interprets ``jaxpr``: constants are evaluated, input-dependent equations recorded as nodes with
+    their IBP intervals. ``on_activation(tape, ref)`` may tighten the interval of an activation's
+    input before it is used (CROWN intermediate bounds)."""
+    env: Dict[Any, Any] = {}
+
+    def read(v):
+        return v.val if isinstance(v, jcore.Literal) else env[v]
+
+    for v, c in zip(jaxpr.constvars, consts):
+        env[v] = c
+    for v, a in zip(jaxpr.invars, args):
+        env[v] = a
+    for index, eqn in enumerate(jaxpr.eqns):
+        ins = [read(v) for v in eqn.invars]
+        name = eqn.primitive.name
+        if not any(isinstance(a, _Ref) for a in ins):
+            outs = eqn.primitive.bind(*ins, **eqn.params)
+            outs = outs if eqn.primitive.multiple_results else [outs]
+        elif name in _CALLS:
+            inner = eqn.params[_CALLS[name]]
+            ctx = context or _where(eqn, index)
+            if hasattr(inner, "jaxpr"):
+                outs = _trace_tape(inner.jaxpr, inner.consts, ins, tape, on_activation, ctx)
+            else:
+                outs = _trace_tape(inner, [], ins, tape, on_activation, ctx)
+        else:
+            where = _where(eqn, index)
+            if context and where.startswith("unknown location"):
+                where = f"{context}, inside that call"
+            kind = _classify(name, ins, where)
+            if kind in ("act", "maxpool"):
+                for a in ins:
+                    if isinstance(a, _Ref):
+                        on_activation(tape, a)
+            iv_ins = [tape.iv[a.id] if isinstance(a, _Ref) else a for a in ins]
+            if name in ("select_n", "gather", "dynamic_slice", "reduce_precision"):
+                lo = eqn.primitive.bind(*[i.lo if isinstance(i, Interval) else i for i in iv_ins], **eqn.params)
+                hi = eqn.primitive.bind(*[i.hi if isinstance(i, Interval) else i for i in iv_ins], **eqn.params)
+                out_iv = Interval(lo, hi)
+            else:
+                out_iv = _RULES[name](eqn.primitive, eqn.params, *iv_ins)
+            aval = eqn.outvars[0].aval
+            ref = tape.new(aval.shape, aval.dtype)
+            tape.iv[ref.id] = out_iv
+            tape.producer[ref.id] = len(tape.nodes)
+            tape.nodes.append(_Node(kind, eqn.primitive, eqn.params, ins, ref, where))
+            outs = [ref]
+        for v, o in zip(eqn.outvars, outs):
+            env[v] = o
+    return [read(v) for v in jaxpr.outvars]
+
+
+# ----------------------------------------------------------------------------- relaxations
+def _relu_lines(l, u, mode):
+    """Lines (al, bl, au, bu) with al z + bl <= relu(z) <= au z + bu on [l, u] (eq. 3.4)."""
+    unstable = (l < 0) & (u > 0)
+    s = jnp.where(unstable, u / jnp.where(unstable, u - l, 1.0), (l >= 0).astype(l.dtype))
+    au, bu = s, jnp.where(unstable, -l * s, 0.0)
+    if mode == "adaptive":
+        al = jnp.where(unstable, (u > -l).astype(l.dtype), s)
+    elif mode == "same_slope":
+        al = s
+    else:
+        raise ValueError(f"relu relaxation must be one of {RELU_RELAXATIONS}, got {mode!r}")
+    return al, jnp.zeros_like(l), au, bu
+
+
+def _sigmoid_like(name):
+    if name == "logistic":
+        phi = jax.nn.sigmoid
+        dphi = lambda z: jax.nn.sigmoid(z) * (1 - jax.nn.sigmoid(z))
+
+        def tangent_points(d):  # Table 3.1: φ'(t) = d  ⇔  φ(t) = (1 ± sqrt(1-4d)) / 2
+            s = jnp.sqrt(jnp.clip(1 - 4 * d, 0.0, 1.0))
+            p = 2 * d / (1 + s)  # = (1 - s) / 2 without cancellation
+            t1 = jnp.log(p) - jnp.log1p(-p)
+            return t1, -t1
+    else:
+        phi = jnp.tanh
+        dphi = lambda z: 1 - jnp.tanh(z) ** 2
+
+        def tangent_points(d):  # φ'(t) = d  ⇔  φ(t) = ± sqrt(1 - d)
+            t2 = jnp.arctanh(jnp.clip(jnp.sqrt(jnp.clip(1 - d, 0.0, 1.0)), 0.0, 1 - 1e-7))
+            return -t2, t2
+    return phi, dphi, tangent_points
+
+
+def _sigmoid_lines(name, l, u, mode):
+    phi, dphi, tangent_points = _sigmoid_like(name)
+    narrow = (u - l) < 1e-5
+    # Narrow intervals: the tangent at the centre +- the curvature over the interval (sound, ~exact).
+    m = 0.5 * (l + u)
+    width = u - l
+    if mode == "analytic":
+        # eq. 3.5: slope of the chord; tangents of that slope at t1 < 0 < t2 where curvature changes.
+        d = jnp.where(narrow, dphi(m), (phi(u) - phi(l)) / jnp.where(narrow, 1.0, width))
+        d = jnp.maximum(d, 1e-10)  # saturated ends round to equal values; keeps log(d) finite
+        t1, t2 = tangent_points(d)
+        chord_b = jnp.where(narrow, phi(m) - d * m, (u * phi(l) - l * phi(u)) / jnp.where(narrow, 1.0, width))
+        bl = jnp.where(l < 0, phi(t1) - t1 * d, chord_b)
+        bu = jnp.where(u > 0, phi(t2) - t2 * d, chord_b)
+        al = au = d
+    elif mode == "tight":
+        k = jnp.where(narrow, dphi(m), (phi(u) - phi(l)) / jnp.where(narrow, 1.0, width))
+        chord_b = jnp.where(narrow, phi(m) - k * m, (u * phi(l) - l * phi(u)) / jnp.where(narrow, 1.0, width))
+        tan_m_a, tan_m_b = dphi(m), phi(m) - dphi(m) * m
+
+        def bisect(h, lo, hi, keep_hi):
+            def body(_, c):
+                a, b = c
+                mid = 0.5 * (a + b)
+                pos = h(mid) >= 0
+                return (jnp.where(pos, a, mid), jnp.where(pos, mid, b))
+            a, b = jax.lax.fori_loop(0, 40, body, (lo, hi))
+            return b if keep_hi else a
+
+        # Upper bound, crossing case: tangent at d_u >= 0 through (l, φ(l)) unless the chord is valid.
+        hu = lambda t: phi(t) + dphi(t) * (l - t) - phi(l)  # >= 0 : tangent at t is above φ(l) at l
+        du = bisect(hu, jnp.zeros_like(l), jnp.maximum(u, 0.0), keep_hi=True)
+        chord_ok_u = hu(u) <= 0
+        # Lower bound, crossing case: tangent at d_l <= 0 through (u, φ(u)) unless the chord is valid.
+        hl = lambda t: phi(u) - (phi(t) + dphi(t) * (u - t))  # >= 0 : tangent at t is below φ(u) at u
+        dl = bisect(lambda t: -hl(t), jnp.minimum(l, 0.0), jnp.zeros_like(l), keep_hi=False)
+        chord_ok_l = hl(l) <= 0
+        # hl as used by bisect: -hl(t) >= 0 moves the upper end; keep the lower end (hl >= 0 side).
+        convex, concave = u <= 0, l >= 0
+        au = jnp.where(convex | chord_ok_u, k, jnp.where(concave, tan_m_a, dphi(du)))
+        bu = jnp.where(convex | chord_ok_u, chord_b, jnp.where(concave, tan_m_b, phi(du) - dphi(du) * du))
+        al = jnp.where(concave | chord_ok_l, k, jnp.where(convex, tan_m_a, dphi(dl)))
+        bl = jnp.where(concave | chord_ok_l, chord_b, jnp.where(convex, tan_m_b, phi(dl) - dphi(dl) * dl))
+        # the concave case's upper / convex case's lower use the tangent at the centre
+        au = jnp.where(concave, tan_m_a, au)
+        bu = jnp.where(concave, tan_m_b, bu)
+        al = jnp.where(convex, tan_m_a, al)
+        bl = jnp.where(convex, tan_m_b, bl)
+    else:
+        raise ValueError(f"sigmoid/tanh relaxation must be one of {SIGMOID_RELAXATIONS}, got {mode!r}")
+    # Float slack: the lines are exact in real arithmetic; widen by a few ulps of the output range.
+    slack = 2e-7 * (1.0 + jnp.abs(l) + jnp.abs(u))
+    return al, bl - slack, au, bu + slack
+
+
+def _activation_lines(node, iv, relu_mode, sigmoid_mode):
+    """Lines relating the activation's output to its (only) input-dependent operand."""
+    name = node.prim.name
+    l, u = iv.lo, iv.hi
+    if name in ("logistic", "tanh"):
+        return _sigmoid_lines(name, l, u, sigmoid_mode)
+    dep = 0 if isinstance(node.ins[0], _Ref) else 1
+    c = jnp.asarray(node.ins[1 - dep], l.dtype)
+    if name == "max":  # max(z, c) = relu(z - c) + c
+        al, bl, au, bu = _relu_lines(l - c, u - c, relu_mode)
+        return al, bl - al * c + c, au, bu - au * c + c
+    # min(z, c) = z - relu(z - c)
+    al, bl, au, bu = _relu_lines(l - c, u - c, relu_mode)
+    return 1 - au, -(bu - au * c), 1 - al, -(bl - al * c)
+
+
+def _window_patches(x, params, pad_value):
+    """Stack of the window's elements for every output position: shape (n_window, *out)."""
+    dims, strides = params["window_dimensions"], params["window_strides"]
+    padding, wdil = params["padding"], params.get("window_dilation", (1,) * len(dims))
+    if any(d != 1 for d in params.get("base_dilation", (1,) * len(dims))):
+        raise UnsupportedPrimitiveError("max pooling with base dilation has no linear rule.")
+    xp = jax.lax.pad(x, jnp.asarray(pad_value, x.dtype), [(lo, hi, 0) for lo, hi in padding])
+    out_shape = [(xp.shape[i] - (dims[i] - 1) * wdil[i] - 1) // strides[i] + 1 for i in range(x.ndim)]
+    pieces = []
+    for off in itertools.product(*[range(d) for d in dims]):
+        start = [o * wd for o, wd in zip(off, wdil)]
+        limit = [s + (n - 1) * st + 1 for s, n, st in zip(start, out_shape, strides)]
+        pieces.append(jax.lax.slice(xp, start, limit, strides))
+    return jnp.stack(pieces)
+
+
+# ----------------------------------------------------------------------------- backward pass
+class _Options(NamedTuple):
+    relu: str
+    sigmoid: str
+
+
+def _affine_pullback(node, lam, tape):
+    """Pull Λ (R, *out) back through an affine node: returns {ref id: Λ_in} and bias (R,)."""
+    dep_pos = [i for i, a in enumerate(node.ins) if isinstance(a, _Ref)]
+
+    def h(*dep_vals):
+        args = list(node.ins)
+        for i, v in zip(dep_pos, dep_vals):
+            args[i] = v
+        return node.prim.bind(*args, **node.params)
+
+    zeros = [jnp.zeros(tape.shape[node.ins[i].id], tape.dtype[node.ins[i].id]) for i in dep_pos]
+    const_part, vjp = jax.vjp(h, *zeros)
+    pulled = jax.vmap(vjp)(lam.astype(const_part.dtype))
+    bias = jnp.sum((lam * const_part).reshape(lam.shape[0], -1), axis=1)
+    out: Dict[int, jax.Array] = {}
+    for i, g in zip(dep_pos, pulled):
+        rid = node.ins[i].id
+        out[rid] = out[rid] + g if rid in out else g
+    return out, bias
+
+
+def _pos_neg(lam):
+    return jnp.maximum(lam, 0.0), jnp.minimum(lam, 0.0)
+
+
+def _backward(tape: _Tape, start_id: int, lam, opts: _Options, elide_to_ibp: bool = False):
+    """Lower bound of <Λ, v_start> as <Λ_x, x> + bias over the intervals on the tape.
+
+    With ``elide_to_ibp`` the pass stops at the first non-affine node it meets and concretises with
+    that node's IBP interval (IBP with elision of the trailing affine layers)."""
+    lams: Dict[int, jax.Array] = {start_id: lam}
+    R = lam.shape[0]
+    bias = jnp.zeros((R,), lam.dtype)
+    last = tape.producer.get(start_id, -1)
+    for ni in range(last, -1, -1):
+        node = tape.nodes[ni]
+        lam_out = lams.pop(node.out.id, None)
+        if lam_out is None:
+            continue
+        if node.kind == "affine":
+            pulled, b = _affine_pullback(node, lam_out, tape)
+            bias = bias + b
+            for rid, g in pulled.items():
+                lams[rid] = lams[rid] + g if rid in lams else g
+            continue
+        if elide_to_ibp:
+            iv = tape.iv[node.out.id]
+            pos, neg = _pos_neg(lam_out)
+            bias = bias + jnp.sum((pos * iv.lo + neg * iv.hi).reshape(R, -1), axis=1)
+            continue
+        if node.kind == "act":
+            dep = [a for a in node.ins if isinstance(a, _Ref)][0]
+            al, bl, au, bu = _activation_lines(node, tape.iv[dep.id], opts.relu, opts.sigmoid)
+            pos, neg = _pos_neg(lam_out)
+            g = pos * al + neg * au
+            bias = bias + jnp.sum((pos * bl + neg * bu).reshape(R, -1), axis=1)
+        else:  # maxpool
+            dep = node.ins[0]
+            iv = tape.iv[dep.id]
+            lp = _window_patches(iv.lo, node.params, -jnp.inf)
+            up = _window_patches(iv.hi, node.params, -jnp.inf)
+            star = jnp.argmax(lp, axis=0)
+            onehot = (jnp.arange(lp.shape[0]).reshape((-1,) + (1,) * (lp.ndim - 1)) == star).astype(lam.dtype)
+            l_star = jnp.max(lp, axis=0)
+            u_others = jnp.max(jnp.where(onehot > 0, -jnp.inf, up), axis=0)
+            dominant = (l_star >= u_others).astype(lam.dtype)
+            u_max = jnp.max(up, axis=0)
+            pos, neg = _pos_neg(lam_out)
+            lam_sel = pos + neg * dominant
+            bias = bias + jnp.sum((neg * (1 - dominant) * u_max).reshape(R, -1), axis=1)
+            sel = lambda z: jnp.sum(onehot * _window_patches(z, node.params, 0.0), axis=0)
+            _, vjp = jax.vjp(sel, jnp.zeros(tape.shape[dep.id], lam.dtype))
+            g = jax.vmap(lambda r: vjp(r)[0])(lam_sel)
+        lams[dep.id] = lams[dep.id] + g if dep.id in lams else g
+    return lams, bias
+
+
+def _concretise(lam_x, bias, x, scale, lo, hi, eps, norm):
+    """min over x' = x + ε⃗ ⊙ v, ||v||_p <= ε, lo <= x' <= hi of <Λ, x'> + bias (exact). (R,)"""
+    R = lam_x.shape[0]
+    a = (lam_x * scale).reshape(R, -1)  # gradient w.r.t. v
+    safe = jnp.where(scale > 0, scale, 1.0)
+    vlo = jnp.where(scale > 0, (lo - x) / safe, 0.0).reshape(-1)
+    vhi = jnp.where(scale > 0, (hi - x) / safe, 0.0).reshape(-1)
+    w, c = geometry.descent_caps(a, vlo, vhi)
+    gain = geometry.max_capped_gain(w, c, eps, norm)
+    return jnp.sum(lam_x.reshape(R, -1) * x.reshape(-1), axis=1) + bias - gain
+
+
+# ----------------------------------------------------------------------------- public API
+METHODS = {
+    # name: (intermediate bounds, relu relaxation, sigmoid relaxation)
+    "crown": ("crown", "adaptive", "tight"),
+    "fastlin": ("crown", "same_slope", "analytic"),  # Algorithm 3.1 / LA-inspired bounds (L-PER)
+    "crown_ibp": ("ibp", "adaptive", "tight"),
+    "ibp_linear": ("ibp", "same_slope", "analytic"),  # IBP-inspired linear bounds (§3.3.1, I-PER)
+    "ibp": ("ibp", None, None),  # interval bounds with the trailing affine layers elided
+}
+
+
+class LinearBounds(NamedTuple):
+    """``spec · f(x') >= <U, x'> + p >= lower`` for every x' in S(x). Shapes (B,R), (B,R,*f), (B,R)."""
+    lower: jax.Array
+    U: jax.Array
+    p: jax.Array
+
+
+class MarginBounds(NamedTuple):
+    """Eq. (3.12): z_y(x') - z_i(x') >= <U_i, x'> + p_i >= lower_i for x' in S(x). Row y is zero."""
+    lower: jax.Array
+    U: jax.Array
+    p: jax.Array
+
+
+def _resolve(method, relu, sigmoid):
+    if method not in METHODS:
+        raise ValueError(f"unknown bound method {method!r}; choose from {sorted(METHODS)}")
+    inter, r, s = METHODS[method]
+    return inter, (relu or r or "adaptive"), (sigmoid or s or "tight")
+
+
+def _single_example_fn(fn, feature_shape, dtype):
+    g = lambda x1: fn(x1[None])[0]
+    closed = jax.make_jaxpr(g)(jax.ShapeDtypeStruct(feature_shape, dtype))
+    out_aval = closed.out_avals[0]
+    return closed, tuple(out_aval.shape)
+
+
+def _build_tape(closed, x, scale, lo, hi, eps, *, norm, intermediate, opts):
+    """Forward pass for one example: the tape of input-dependent nodes with their intervals
+    (IBP, tightened by CROWN before each activation when ``intermediate == 'crown'``)."""
+    tape = _Tape()
+    x_ref = tape.new(x.shape, x.dtype)
+    # Input interval hull of the set (exact for l_inf).
+    tape.iv[x_ref.id] = Interval(jnp.maximum(x - scale * eps, lo), jnp.minimum(x + scale * eps, hi))
+
+    def on_activation(tp: _Tape, ref: _Ref):
+        if intermediate != "crown" or ref.id == x_ref.id or ref.id in tp.done:
+            return
+        shape = tp.shape[ref.id]
+        n = int(np.prod(shape))
+        eye = jnp.eye(n, dtype=x.dtype).reshape((n,) + shape)
+        lams, bias = _backward(tp, ref.id, jnp.concatenate([eye, -eye]), opts)
+        lam_x = lams.get(x_ref.id, jnp.zeros((2 * n,) + x.shape, x.dtype))
+        low = _concretise(lam_x, bias, x, scale, lo, hi, eps, norm)
+        cl, cu = low[:n].reshape(shape), -low[n:].reshape(shape)
+        iv = tp.iv[ref.id]
+        tp.iv[ref.id] = Interval(jnp.maximum(iv.lo, cl), jnp.minimum(iv.hi, cu))
+        tp.done.add(ref.id)
+
+    outs = _trace_tape(closed.jaxpr, closed.consts, [x_ref], tape, on_activation)
+    return tape, x_ref, outs[0]
+
+
+def _spec_bounds_one(closed, x, scale, lo, hi, eps, spec, *, norm, intermediate, opts, elide_ibp):
+    """Per-example worker (vmapped): lower bounds of spec · f over S(x), and (U, p)."""
+    tape, x_ref, out = _build_tape(closed, x, scale, lo, hi, eps, norm=norm, intermediate=intermediate,
+                                   opts=opts)
+    R = spec.shape[0]
+    if not isinstance(out, _Ref):  # the output does not depend on the input
+        val = jnp.sum((spec * out).reshape(R, -1), axis=1)
+        return val, jnp.zeros((R,) + x.shape, x.dtype), val
+    lams, bias = _backward(tape, out.id, spec.astype(x.dtype), opts, elide_to_ibp=elide_ibp)
+    lam_x = lams.get(x_ref.id, jnp.zeros((R,) + x.shape, x.dtype))
+    lower = _concretise(lam_x, bias, x, scale, lo, hi, eps, norm)
+    if elide_ibp:  # IBP: constant bound (U = 0, p = lower)
+        return lower, jnp.zeros_like(lam_x), lower
+    return lower, lam_x, bias
+
+
+class BoundGraph(NamedTuple):
+    """One example's traced function for complete verifiers: ``nodes`` in topological order (each
+    with ``kind`` in {'affine', 'act', 'maxpool'}, ``prim``, ``params``, ``ins`` (refs or constants),
+    ``out`` (ref)), ``intervals[ref.id]`` (lo, hi), ``shapes[ref.id]``, the input ref and output."""
+    nodes: list
+    intervals: dict
+    shapes: dict
+    input: Any
+    output: Any
+
+
+def bound_graph(fn: Callable, x1, threat: ThreatModel, *, method: str = "crown") -> BoundGraph:
+    """The tape of one example ``x1`` (shape (*f), no batch axis) with intermediate intervals from
+    ``method`` (eager; for MILP encoders and inspection). ``threat.eps`` must be a scalar."""
+    x1 = jnp.asarray(x1)
+    inter, relu_mode, sig_mode = _resolve(method, None, None)
+    closed, _ = _single_example_fn(fn, x1.shape, x1.dtype)
+    tb = threat.replace(eps=jnp.reshape(jnp.asarray(threat.eps, x1.dtype), (1,)))
+    scale = threat.per_feature_eps
+    scale = jnp.ones_like(x1) if scale is None else jnp.broadcast_to(jnp.asarray(scale, x1.dtype), x1.shape)
+    lo, hi = tb.box_arrays(x1)
+    tape, x_ref, out = _build_tape(closed, x1, scale, lo, hi, jnp.asarray(threat.eps, x1.dtype),
+                                   norm=threat.norm, intermediate=("crown" if inter == "crown" else "ibp"),
+                                   opts=_Options(relu_mode, sig_mode))
+    return BoundGraph(tape.nodes, {k: (v.lo, v.hi) for k, v in tape.iv.items()}, tape.shape, x_ref, out)
+
+
+def _check_fn_output(closed, out_shape):
+    if len(closed.out_avals) != 1:
+        raise ValueError("fn must return a single array (the logits).")
+
+
+def linear_spec_bounds(fn: Callable, x, threat: ThreatModel, spec, *, method: str = "crown",
+                       relu: Optional[str] = None, sigmoid: Optional[str] = None) -> LinearBounds:
+    """Lower bounds of the linear functions ``spec · fn(x')`` over S(x) (Algorithm 3.1 backwards).
+
+    Args:
+      fn: maps a batch (B, *f) to outputs (B, *o); examples must not interact (eval-mode BN).
+      x: (B, *f) inputs inside the threat's box.
+      threat: the set S(x) (l_inf/l_2/l_1, scalar/per-example ε, per-feature ε⃗, box).
+      spec: (R, *o) shared or (B, R, *o) per example.
+      method: one of :data:`METHODS`.
+    Returns LinearBounds(lower (B,R), U (B,R,*f), p (B,R)).
+    """
+    threat.validate_inputs(x)
+    inter, relu_mode, sig_mode = _resolve(method, relu, sigmoid)
+    closed, out_shape = _single_example_fn(fn, x.shape[1:], x.dtype)
+    _check_fn_output(closed, out_shape)
+    spec = jnp.asarray(spec, x.dtype)
+    if spec.ndim < len(out_shape) + 1 or tuple(spec.shape[spec.ndim - len(out_shape):]) != out_shape:
+        raise ValueError(f"spec has shape {spec.shape}; its trailing axes must be fn's output shape "
+                         f"{out_shape}.")
+    if spec.ndim == len(out_shape) + 1:
+        spec = jnp.broadcast_to(spec, (x.shape[0],) + spec.shape)
+    if spec.shape[0] != x.shape[0]:
+        raise ValueError(f"spec has {spec.shape[0]} rows of examples for a batch of {x.shape[0]}.")
+    scale = threat.per_feature_eps
+    scale = jnp.ones_like(x) if scale is None else jnp.broadcast_to(jnp.asarray(scale, x.dtype), x.shape)
+    lo, hi = threat.box_arrays(x)
+    eps = threat.eps_for(x)
+    worker = lambda xb, sb, lb, hb, eb, cb: _spec_bounds_one(
+        closed, xb, sb, lb, hb, eb, cb, norm=threat.norm, intermediate=inter,
+        opts=_Options(relu_mode, sig_mode), elide_ibp=(method == "ibp"))
+    lower, U, p = jax.vmap(worker)(x, scale, lo, hi, eps, spec)
+    return LinearBounds(lower, U, p)
+
+
+def crown_bounds(fn: Callable, x, threat: ThreatModel, *, method: str = "crown",
+                 relu: Optional[str] = None, sigmoid: Optional[str] = None):
+    """Element-wise (lower, upper) of fn's output over S(x) by linear relaxation (Algorithm 3.1)."""
+    closed, out_shape = _single_example_fn(fn, x.shape[1:], x.dtype)
+    n = int(np.prod(out_shape))
+    eye = jnp.eye(n, dtype=x.dtype).reshape((n,) + out_shape)
+    b = linear_spec_bounds(fn, x, threat, jnp.concatenate([eye, -eye]), method=method, relu=relu,
+                           sigmoid=sigmoid)
+    B = x.shape[0]
+    return b.lower[:, :n].reshape((B,) + out_shape), -b.lower[:, n:].reshape((B,) + out_shape)
+
+
+def margin_spec(y, num_classes: int, dtype=jnp.float32):
+    """(B, K, K): row i is e_y - e_i (zero for i = y)."""
+    oh = jax.nn.one_hot(y, num_classes, dtype=dtype)
+    return oh[:, None, :] - jnp.eye(num_classes, dtype=dtype)[None]
+
+
+def margin_bounds(fn: Callable, x, y, threat: ThreatModel, *, method: str = "crown",
+                  relu: Optional[str] = None, sigmoid: Optional[str] = None) -> MarginBounds:
+    """Eq. (3.12) with elision of the last layer: linear lower bounds of z_y - z_i over S(x).
+
+    For ``method='ibp'`` the bound is IBP up to the last nonlinearity and exact after it (U = 0).
+    """
+    threat.validate_inputs(x, y)
+    closed, out_shape = _single_example_fn(fn, x.shape[1:], x.dtype)
+    if len(out_shape) != 1:
+        raise ValueError(f"margin_bounds needs fn to return logits (B, K); got per-example shape {out_shape}.")
+    b = linear_spec_bounds(fn, x, threat, margin_spec(y, out_shape[0], x.dtype), method=method,
+                           relu=relu, sigmoid=sigmoid)
+    is_y = jax.nn.one_hot(y, out_shape[0], dtype=bool)
+    return MarginBounds(jnp.where(is_y, 0.0, b.lower), b.U, jnp.where(is_y, 0.0, b.p))
+
+
+def certified_by_bounds(mb: MarginBounds, y) -> jax.Array:
+    """(B,) True where every margin lower bound (i != y) is positive."""
+    is_y = jax.nn.one_hot(y, mb.lower.shape[-1], dtype=bool)
+    return jnp.all(is_y | (mb.lower > 0), axis=-1)
