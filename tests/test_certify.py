@@ -1,0 +1,181 @@
+"""PEC (Alg 3.4), optimal-ε search (Alg 3.5), non-uniform regions (Alg 3.3): exactness on linear
+models, soundness against attacks, search-cost guarantee, errors."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.optimize import linprog, minimize
+
+from jaxrobust.attacks import pgd
+from jaxrobust.attacks.fab import fab
+from jaxrobust.bounds import margin_bounds
+from jaxrobust.certify import (certify, cosine_similarity_stats, hyperplane_distances,
+                               nonuniform_bounds, optimal_eps_search, pec_radius, signed_distances)
+from jaxrobust.models import create_model, init_variables
+from jaxrobust.threat import ThreatModel
+
+D, K = 6, 3
+
+
+def _linear():
+    W = jax.random.normal(jax.random.PRNGKey(0), (D, K))
+    b = jnp.array([0.3, -0.1, 0.0])
+    return (lambda x: x @ W + b), np.asarray(W), np.asarray(b)
+
+
+def _exact_distance(a, b0, lo, hi, norm):
+    """min ||Δ||_p s.t. a·Δ + b0 <= 0, lo <= Δ <= hi, by an independent LP / NLP; inf if infeasible."""
+    n = a.size
+    if b0 <= 0:
+        return 0.0
+    if np.sum(np.minimum(a * lo, a * hi)) + b0 > 1e-9:
+        return np.inf
+    if norm == "linf":  # min t: |Δ| <= t
+        A = np.r_[np.r_[a, 0][None], np.c_[np.eye(n), -np.ones(n)], np.c_[-np.eye(n), -np.ones(n)]]
+        r = linprog(np.r_[np.zeros(n), 1], A_ub=A, b_ub=np.r_[-b0, np.zeros(2 * n)],
+                    bounds=list(zip(lo, hi)) + [(0, None)])
+        return r.fun
+    if norm == "l1":  # Δ = P - N
+        A = np.r_[a, -a][None]
+        r = linprog(np.ones(2 * n), A_ub=A, b_ub=[-b0],
+                    bounds=[(0, max(h, 0)) for h in hi] + [(0, max(-l, 0)) for l in lo])
+        return r.fun
+    best = np.inf
+    for s in range(4):
+        r = minimize(lambda d: d @ d, np.clip(-a * b0 / (a @ a) * (1 + 0.1 * s), lo, hi), method="SLSQP",
+                     bounds=list(zip(lo, hi)), constraints=[{"type": "ineq", "fun": lambda d: -(a @ d + b0)}],
+                     options={"ftol": 1e-12, "maxiter": 500})
+        if r.success:
+            best = min(best, np.sqrt(r.fun))
+    return best
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
+def test_pec_is_exact_distance_to_decision_boundary_of_linear_model(norm):
+    f, W, b = _linear()
+    x = jax.random.uniform(jax.random.PRNGKey(1), (8, D))
+    y = jnp.argmax(f(x), -1)
+    threat = ThreatModel(norm, 10.0)  # budget larger than any distance in the box
+    mb = margin_bounds(f, x, y, threat, method="crown")
+    d = np.asarray(hyperplane_distances(mb, x, y, threat))
+    for n in range(8):
+        for i in range(K):
+            if i == int(y[n]):
+                assert np.isinf(d[n, i])
+                continue
+            a = W[:, int(y[n])] - W[:, i]
+            b0 = float(np.asarray(x[n]) @ a + b[int(y[n])] - b[i])
+            ref = _exact_distance(a, b0, -np.asarray(x[n]), 1 - np.asarray(x[n]), norm)
+            if np.isinf(ref):
+                assert np.isinf(d[n, i])
+            else:
+                np.testing.assert_allclose(d[n, i], ref, rtol=1e-4, atol=1e-5)
+    # Lemma 3.1 with a budget beyond the boundary: the radius is the exact minimal adversarial distance.
+    r = np.asarray(pec_radius(mb, x, y, threat))
+    np.testing.assert_allclose(r, np.minimum(10.0, d.min(1)), rtol=1e-6)
+
+
+def test_signed_distance_matches_hoelder_without_box():
+    f, W, b = _linear()
+    x = jax.random.uniform(jax.random.PRNGKey(2), (4, D))
+    y = jnp.argmax(f(x), -1)
+    t = ThreatModel("l2", 1.0, box=None)
+    mb = margin_bounds(f, x, y, t)
+    sd = np.asarray(signed_distances(mb, x, y, "l2"))
+    d = np.asarray(hyperplane_distances(mb, x, y, t))
+    finite = np.isfinite(d) & (sd > 0)
+    np.testing.assert_allclose(sd[finite], d[finite], rtol=1e-5)
+
+
+@functools.lru_cache(maxsize=None)
+def _relu_net():
+    m = create_model("fc", 4, widths=(32, 32))
+    v = init_variables(m, jax.random.PRNGKey(3), (10,))
+    f = jax.jit(lambda x: m.apply(v, x))
+    x = jax.random.uniform(jax.random.PRNGKey(4), (24, 10))
+    y = jnp.argmax(f(x), -1)
+    return f, x, y
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.03), ("l2", 0.15), ("l1", 0.4)])
+def test_certified_points_never_broken_and_pec_below_adversarial_distance(norm, eps):
+    f, x, y = _relu_net()
+    threat = ThreatModel(norm, eps)
+    c = jax.jit(lambda x, y: certify(f, x, y, threat, method="crown"))(x, y)
+    cert = np.asarray(c.certified)
+    assert 0 < cert.sum() < len(cert)  # the test exercises both outcomes
+    xa = pgd(f, x, y, jax.random.PRNGKey(0), threat, steps=50, restarts=3, loss="cw", unroll=False)
+    broken = np.asarray(jnp.argmax(f(xa), -1) != y)
+    assert not np.any(cert & broken)
+    # PEC radius <= the smallest adversarial distance an attack finds (radius is a lower bound).
+    big = ThreatModel(norm, 10.0)
+    _, norms = fab(f, x, y, jax.random.PRNGKey(1), big, n_iter=100, targeted=False, return_norms=True)
+    norms = np.asarray(norms)
+    r = np.asarray(c.radius)
+    found = np.isfinite(norms)
+    assert found.sum() > 5
+    assert np.all(r[found] <= norms[found] + 1e-5)
+    # PEC is never worse than the plain certificate and reaches beyond it on uncertified points.
+    assert np.all(r >= np.where(cert, eps, 0.0) - 1e-7)
+    assert np.any((r > 0) & ~cert)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_alg35_uses_no_more_bound_computations_than_binary_search(norm):
+    f, x, y = _relu_net()
+    threat = ThreatModel(norm, 0.1)
+    run = jax.jit(lambda x, y, use: optimal_eps_search(f, x, y, threat, eps_high=1.0, tol=1e-3,
+                                                       use_pec=use), static_argnums=2)
+    pec, lin = run(x, y, True), run(x, y, False)
+    assert np.all(np.asarray(pec.bound_computations) <= np.asarray(lin.bound_computations))
+    assert np.mean(np.asarray(pec.bound_computations)) < np.mean(np.asarray(lin.bound_computations))
+    assert int(lin.bound_computations[0]) == int(np.ceil(np.log2(1.0 / 1e-3)))
+    # both radii are certified: re-certify at the found radius
+    for res in (pec, lin):
+        rad = jnp.maximum(res.radius, 1e-6)
+        c = certify(f, x, y, threat.replace(eps=rad))
+        assert np.all(np.asarray(c.radius) >= np.asarray(rad) * (1 - 1e-4) - 1e-7)
+        assert np.all(np.asarray(res.upper - res.radius) <= 1e-3 + 1e-6)
+    # the two searches agree within the tolerance (and PEC's lower end is never below binary's - tol)
+    np.testing.assert_allclose(np.asarray(pec.radius), np.asarray(lin.radius), atol=2e-3)
+
+
+def test_nonuniform_region_is_certified_and_larger_than_uniform():
+    f, x, y = _relu_net()
+    x, y = x[:6], y[:6]
+    run = jax.jit(lambda x, y: nonuniform_bounds(f, x, y, uniform=True, iterations=150))
+    uni = run(x, y)
+    non = jax.jit(lambda x, y, u: nonuniform_bounds(f, x, y, init=0.9 * u, fallback=u, iterations=150))(x, y, uni.eps)
+    assert bool(jnp.all(uni.certified)) and bool(jnp.all(non.certified))
+    # every returned region is certified by an independent bound computation
+    for res in (uni, non):
+        t = ThreatModel("linf", 1.0, per_feature_eps=jnp.maximum(res.eps, 1e-12))
+        assert bool(jnp.all(certify(f, x, y, t).certified))
+        # and PGD inside the non-uniform box does not break it
+        xa = pgd(f, x, y, jax.random.PRNGKey(0), t, steps=30, loss="cw", unroll=False)
+        assert bool(jnp.all(jnp.argmax(f(xa), -1) == y))
+    # uniform: all features equal; volume (geometric mean) of the non-uniform region >= uniform
+    u = np.asarray(uni.eps)
+    np.testing.assert_allclose(u, np.broadcast_to(u[:, :1], u.shape), rtol=1e-6)
+    assert np.all(np.asarray(non.eps_avg) >= np.asarray(uni.eps_avg) * (1 - 1e-6))
+    assert np.mean(np.asarray(non.eps_avg) / np.asarray(uni.eps_avg)) > 1.05
+    # Alg 3.3's uniform result is close to the optimal uniform radius from bisection (δ aside)
+    s = optimal_eps_search(f, x, y, ThreatModel("linf", 0.1), eps_high=1.0, tol=1e-4)
+    assert np.all(np.asarray(uni.eps_avg) <= np.asarray(s.upper) + 1e-6)
+    assert np.mean(np.asarray(uni.eps_avg) / np.asarray(s.radius)) > 0.8
+    mean_cos, min_cos = cosine_similarity_stats(non.eps)
+    assert -1 <= min_cos <= mean_cos <= 1
+
+
+def test_errors():
+    f, x, y = _relu_net()
+    with pytest.raises(ValueError):
+        optimal_eps_search(f, x, y, ThreatModel("linf", 0.1), eps_high=-1.0)
+    with pytest.raises(ValueError, match="NaN"):
+        certify(f, x.at[0, 0].set(jnp.nan), y, ThreatModel("linf", 0.1))
+    with pytest.raises(ValueError):
+        ThreatModel("linf", -0.1)
+    with pytest.raises(ValueError, match="labels"):
+        certify(f, x, y[:3], ThreatModel("linf", 0.1))
