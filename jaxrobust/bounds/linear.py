@@ -55,6 +55,12 @@ _AFFINE = {"add", "add_any", "sub", "neg", "dot_general", "conv_general_dilated"
 _CONST_OPERANDS = {"dot_general": "one", "conv_general_dilated": "one", "mul": "one", "div": (1,),
                    "gather": (1,), "dynamic_slice": "tail", "select_n": (0,), "pad": (1,)}
 _ACTIVATIONS = {"max", "min", "logistic", "tanh"}
+# Affine primitives that mix elements (each output combines several input elements).
+_MIXING = {"dot_general", "conv_general_dilated", "reduce_sum", "reduce_window_sum", "cumsum"}
+# Exactness levels of interval bounds, used to skip CROWN where IBP is already exact:
+# 0 = independent coordinates of a box (the l_inf input), 1 = exact per element (one mixing map of a
+# box, then element-wise ops), 2 = possibly loose.
+_RAW, _EXACT, _LOOSE = 0, 1, 2
 
 RELU_RELAXATIONS = ("adaptive", "same_slope")
 SIGMOID_RELAXATIONS = ("analytic", "tight")
@@ -85,6 +91,7 @@ class _Tape:
         self.dtype: Dict[int, Any] = {}
         self.producer: Dict[int, int] = {}
         self.done: set = set()  # refs whose interval was already tightened by CROWN
+        self.level: Dict[int, int] = {}  # exactness level of each ref's interval
         self.n = 0
 
     def new(self, shape, dtype):
@@ -119,6 +126,16 @@ def _classify(name, ins, where):
     raise UnsupportedPrimitiveError(
         f"Linear bound propagation has no rule for primitive '{name}' (at {where}). Supported: "
         f"{', '.join(sorted(_AFFINE | _ACTIVATIONS | {'reduce_window_max'} | set(_CALLS)))}.")
+
+
+def _exactness(name, kind, dep_levels):
+    """Level of IBP's exactness for a node's output given its dependent inputs' levels."""
+    worst = max(dep_levels)
+    if kind != "affine":  # monotone element-wise map of exact intervals stays exact per element
+        return _EXACT if (kind == "act" and worst <= _EXACT) else _LOOSE
+    if name in _MIXING or (name in ("add", "add_any", "sub") and len(dep_levels) > 1):
+        return _EXACT if worst == _RAW else _LOOSE
+    return worst
 
 
 def _trace_tape(jaxpr, consts, args, tape: _Tape, on_activation, context=""):
@@ -167,6 +184,7 @@ def _trace_tape(jaxpr, consts, args, tape: _Tape, on_activation, context=""):
             ref = tape.new(aval.shape, aval.dtype)
             tape.iv[ref.id] = out_iv
             tape.producer[ref.id] = len(tape.nodes)
+            tape.level[ref.id] = _exactness(name, kind, [tape.level[a.id] for a in ins if isinstance(a, _Ref)])
             tape.nodes.append(_Node(kind, eqn.primitive, eqn.params, ins, ref, where))
             outs = [ref]
         for v, o in zip(eqn.outvars, outs):
@@ -437,10 +455,11 @@ def _build_tape(closed, x, scale, lo, hi, eps, *, norm, intermediate, opts):
     x_ref = tape.new(x.shape, x.dtype)
     # Input interval hull of the set (exact for l_inf).
     tape.iv[x_ref.id] = Interval(jnp.maximum(x - scale * eps, lo), jnp.minimum(x + scale * eps, hi))
+    tape.level[x_ref.id] = _RAW if norm == "linf" else _LOOSE
 
     def on_activation(tp: _Tape, ref: _Ref):
-        if intermediate != "crown" or ref.id == x_ref.id or ref.id in tp.done:
-            return
+        if intermediate != "crown" or ref.id in tp.done or tp.level[ref.id] <= _EXACT:
+            return  # IBP is already exact there (e.g. the first layer under l_inf)
         shape = tp.shape[ref.id]
         n = int(np.prod(shape))
         eye = jnp.eye(n, dtype=x.dtype).reshape((n,) + shape)
