@@ -173,8 +173,9 @@ def nonuniform(config, run, threat, fn, x, y, plot_dir):
     eps0 = config.nonuniform.eps0 if config.nonuniform.eps0 > 0 else float(threat.eps)
     correct = np.asarray(jnp.argmax(fn(jnp.asarray(x)), -1) == jnp.asarray(y))
     x, y = x[correct], y[correct]  # Table 3.2 is over correctly classified points
-    kw = dict(norm=threat.norm, box=threat.box, iterations=config.nonuniform.iterations,
-              lr=config.nonuniform.lr, delta=config.nonuniform.delta, method=config.nonuniform.method)
+    kw = dict(norm=threat.norm, box=threat.box if config.nonuniform.use_box else None,
+              iterations=config.nonuniform.iterations,
+              lr=config.nonuniform.lr if config.nonuniform.lr > 0 else None, delta=config.nonuniform.delta, method=config.nonuniform.method)
 
     t = time.time()
     uni = _map_batches(jax.jit(lambda xb, yb: nonuniform_bounds(fn, xb, yb, eps0=eps0, uniform=True, **kw)._asdict()),

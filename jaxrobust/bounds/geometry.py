@@ -109,3 +109,17 @@ def descent_caps(a, lo, hi):
     c = jnp.where(a > 0, -lo, jnp.where(a < 0, hi, 0.0))
     # Unbounded directions get a large finite cap so that sorted cumulative sums never see inf - inf.
     return w, jnp.clip(c, 0.0, 1e15)
+
+
+def scaled_box(x, scale, lo, hi):
+    """Box of v in x' = x + scale ⊙ v for lo <= x' <= hi: (vlo, vhi), finite (±1e15 where unbounded)
+    and with finite gradients (the double ``where`` keeps inf out of both branches' derivatives)."""
+    pos = scale > 0
+    safe = jnp.where(pos, scale, 1.0)
+
+    def side(bound, default):
+        finite = jnp.isfinite(bound) & pos
+        b = jnp.where(finite, bound, 0.0)
+        return jnp.where(finite, (b - x) / safe, jnp.where(pos, default, 0.0))
+
+    return side(lo, -1e15), side(hi, 1e15)

@@ -401,9 +401,8 @@ def _concretise(lam_x, bias, x, scale, lo, hi, eps, norm):
     """min over x' = x + ε⃗ ⊙ v, ||v||_p <= ε, lo <= x' <= hi of <Λ, x'> + bias (exact). (R,)"""
     R = lam_x.shape[0]
     a = (lam_x * scale).reshape(R, -1)  # gradient w.r.t. v
-    safe = jnp.where(scale > 0, scale, 1.0)
-    vlo = jnp.where(scale > 0, (lo - x) / safe, 0.0).reshape(-1)
-    vhi = jnp.where(scale > 0, (hi - x) / safe, 0.0).reshape(-1)
+    vlo, vhi = geometry.scaled_box(x, scale, lo, hi)
+    vlo, vhi = vlo.reshape(-1), vhi.reshape(-1)
     w, c = geometry.descent_caps(a, vlo, vhi)
     gain = geometry.max_capped_gain(w, c, eps, norm)
     return jnp.sum(lam_x.reshape(R, -1) * x.reshape(-1), axis=1) + bias - gain

@@ -30,9 +30,7 @@ def _scale_and_box(x, threat: ThreatModel):
     scale = threat.per_feature_eps
     scale = jnp.ones_like(x) if scale is None else jnp.broadcast_to(jnp.asarray(scale, x.dtype), x.shape)
     lo, hi = threat.box_arrays(x)
-    safe = jnp.where(scale > 0, scale, 1.0)
-    vlo = jnp.where(scale > 0, (lo - x) / safe, 0.0)
-    vhi = jnp.where(scale > 0, (hi - x) / safe, 0.0)
+    vlo, vhi = geometry.scaled_box(x, scale, lo, hi)
     return scale, vlo, vhi
 
 
