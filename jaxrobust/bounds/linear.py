@@ -345,20 +345,34 @@ def _pos_neg(lam):
     return jnp.maximum(lam, 0.0), jnp.minimum(lam, 0.0)
 
 
-def _backward(tape: _Tape, start_id: int, lam, opts: _Options, elide_to_ibp: bool = False):
+def _backward(tape: _Tape, start_id: int, lam, opts: _Options, elide_to_ibp: bool = False,
+              paired: bool = False):
     """Lower bound of <Λ, v_start> as <Λ_x, x> + bias over the intervals on the tape.
 
     With ``elide_to_ibp`` the pass stops at the first non-affine node it meets and concretises with
-    that node's IBP interval (IBP with elision of the trailing affine layers)."""
+    that node's IBP interval (IBP with elision of the trailing affine layers). With ``paired`` the
+    rows stand for both Λ and -Λ (lower and upper bounds): they are pulled back once through the
+    affine nodes before the first relaxation and only then split, halving that work."""
     lams: Dict[int, jax.Array] = {start_id: lam}
     R = lam.shape[0]
     bias = jnp.zeros((R,), lam.dtype)
     last = tape.producer.get(start_id, -1)
+
+    def unpair():
+        nonlocal bias, R
+        for k in list(lams):
+            lams[k] = jnp.concatenate([lams[k], -lams[k]])
+        bias = jnp.concatenate([bias, -bias])
+        R = 2 * R
+
     for ni in range(last, -1, -1):
         node = tape.nodes[ni]
-        lam_out = lams.pop(node.out.id, None)
-        if lam_out is None:
+        if node.out.id not in lams:
             continue
+        if paired and node.kind != "affine":
+            unpair()
+            paired = False
+        lam_out = lams.pop(node.out.id)
         if node.kind == "affine":
             pulled, b = _affine_pullback(node, lam_out, tape)
             bias = bias + b
@@ -394,6 +408,8 @@ def _backward(tape: _Tape, start_id: int, lam, opts: _Options, elide_to_ibp: boo
             _, vjp = jax.vjp(sel, jnp.zeros(tape.shape[dep.id], lam.dtype))
             g = jax.vmap(lambda r: vjp(r)[0])(lam_sel)
         lams[dep.id] = lams[dep.id] + g if dep.id in lams else g
+    if paired:
+        unpair()
     return lams, bias
 
 
@@ -462,7 +478,7 @@ def _build_tape(closed, x, scale, lo, hi, eps, *, norm, intermediate, opts):
         shape = tp.shape[ref.id]
         n = int(np.prod(shape))
         eye = jnp.eye(n, dtype=x.dtype).reshape((n,) + shape)
-        lams, bias = _backward(tp, ref.id, jnp.concatenate([eye, -eye]), opts)
+        lams, bias = _backward(tp, ref.id, eye, opts, paired=True)
         lam_x = lams.get(x_ref.id, jnp.zeros((2 * n,) + x.shape, x.dtype))
         low = _concretise(lam_x, bias, x, scale, lo, hi, eps, norm)
         cl, cu = low[:n].reshape(shape), -low[n:].reshape(shape)
