@@ -22,6 +22,13 @@ import jax.numpy as jnp
 _BIG = 1e30
 
 
+def _exclusive_cumsum(a):
+    """Σ_{j<k} a_j along the last axis, without the cancellation of ``cumsum(a) - a`` once a huge
+    entry (an unbounded cap) has been summed."""
+    c = jnp.cumsum(a, axis=-1)
+    return jnp.concatenate([jnp.zeros_like(c[..., :1]), c[..., :-1]], axis=-1)
+
+
 def _sorted_by(key, *arrays):
     order = jnp.argsort(key, axis=-1)
     return [jnp.take_along_axis(a, order, axis=-1) for a in (key,) + arrays]
@@ -35,14 +42,14 @@ def max_capped_gain(w, c, t, norm: str):
     if norm == "l1":
         # Greedy: spend the budget on the steepest coordinates first (fractional knapsack).
         _, cs, ws = _sorted_by(-w, c, w)
-        spent_before = jnp.cumsum(cs, axis=-1) - cs
+        spent_before = _exclusive_cumsum(cs)
         m = jnp.clip(t - spent_before, 0.0, cs)
         return jnp.sum(ws * m, axis=-1)
     if norm == "l2":
         # m_j(λ) = min(λ w_j, c_j); ||m(λ)||² grows with λ; coordinates cap at λ_j = c_j / w_j.
         lam_j = jnp.where(w > 0, c / jnp.where(w > 0, w, 1.0), _BIG)
         lam_s, cs, ws = _sorted_by(lam_j, c, w)
-        c2_before = jnp.cumsum(cs ** 2, axis=-1) - cs ** 2  # capped mass before each break point
+        c2_before = _exclusive_cumsum(cs ** 2)  # capped mass before each break point
         w2_from = jnp.flip(jnp.cumsum(jnp.flip(ws ** 2, -1), -1), -1)  # free mass from it on
         # ||m||² at break point k (coordinates < k capped, others free at λ = lam_k).
         norm2_at = c2_before + jnp.minimum(lam_s, _BIG ** 0.5) ** 2 * w2_from
@@ -66,7 +73,7 @@ def min_norm_for_gain(w, c, b, norm: str):
         # G(t) = Σ w min(t, c) is piecewise linear in t with break points at the caps.
         cs, ws = _sorted_by(c, w)
         w_from = jnp.flip(jnp.cumsum(jnp.flip(ws, -1), -1), -1)  # Σ_{j>=k} w_j
-        gain_before = jnp.cumsum(ws * cs, -1) - ws * cs  # Σ_{j<k} w_j c_j
+        gain_before = _exclusive_cumsum(ws * cs)  # Σ_{j<k} w_j c_j
         g_at = gain_before + cs * w_from  # G(c_k)
         k = jnp.sum(g_at < b, axis=-1, keepdims=True)  # segments fully used
         idx = jnp.minimum(k, n - 1)
@@ -78,15 +85,15 @@ def min_norm_for_gain(w, c, b, norm: str):
         gain_cum = jnp.cumsum(ws * cs, -1)
         k = jnp.sum(gain_cum < b, axis=-1, keepdims=True)  # coordinates used up completely
         idx = jnp.minimum(k, n - 1)
-        spent = jnp.take_along_axis(jnp.cumsum(cs, -1) - cs, idx, -1)
-        gain_before = jnp.take_along_axis(gain_cum - ws * cs, idx, -1)
+        spent = jnp.take_along_axis(_exclusive_cumsum(cs), idx, -1)
+        gain_before = jnp.take_along_axis(_exclusive_cumsum(ws * cs), idx, -1)
         wk = jnp.take_along_axis(ws, idx, -1)
         d = jnp.where((k < n) & (wk > 0), spent + (b - gain_before) / jnp.where(wk > 0, wk, 1.0), jnp.inf)
     elif norm == "l2":
         lam_j = jnp.where(w > 0, c / jnp.where(w > 0, w, 1.0), _BIG)
         lam_s, cs, ws = _sorted_by(lam_j, c, w)
-        gain_before = jnp.cumsum(ws * cs, -1) - ws * cs
-        c2_before = jnp.cumsum(cs ** 2, -1) - cs ** 2
+        gain_before = _exclusive_cumsum(ws * cs)
+        c2_before = _exclusive_cumsum(cs ** 2)
         w2_from = jnp.flip(jnp.cumsum(jnp.flip(ws ** 2, -1), -1), -1)
         finite = lam_s < _BIG
         g_at = jnp.where(finite, gain_before + lam_s * w2_from, jnp.inf)  # gain at break point k

@@ -217,6 +217,12 @@ def _sigmoid_like(name):
             p = 2 * d / (1 + s)  # = (1 - s) / 2 without cancellation
             t1 = jnp.log(p) - jnp.log1p(-p)
             return t1, -t1
+
+        def chord_slope(l, u):
+            # σ(u) - σ(l) = -expm1(-(u-l)) σ(u) σ(-l): no cancellation for narrow intervals.
+            w = u - l
+            ratio = jnp.where(w > 1e-12, -jnp.expm1(-w) / jnp.where(w > 1e-12, w, 1.0), 1.0)
+            return ratio * jax.nn.sigmoid(u) * jax.nn.sigmoid(-l)
     else:
         phi = jnp.tanh
         dphi = lambda z: 1 - jnp.tanh(z) ** 2
@@ -224,27 +230,36 @@ def _sigmoid_like(name):
         def tangent_points(d):  # φ'(t) = d  ⇔  φ(t) = ± sqrt(1 - d)
             t2 = jnp.arctanh(jnp.clip(jnp.sqrt(jnp.clip(1 - d, 0.0, 1.0)), 0.0, 1 - 1e-7))
             return -t2, t2
-    return phi, dphi, tangent_points
+
+        def chord_slope(l, u):
+            # tanh(u) - tanh(l) = sinh(u-l) / (cosh u cosh l), with 1/cosh(a) = 2 e^{-|a|} / (1 + e^{-2|a|}).
+            # Wide intervals (w > 1) have no cancellation: use the plain difference there (sinh overflows).
+            w = u - l
+            small = w <= 1.0
+            ws = jnp.where(small, w, 0.5)
+            ratio = jnp.where(ws > 1e-12, jnp.sinh(ws) / jnp.where(ws > 1e-12, ws, 1.0), 1.0)
+            inv_cosh = lambda a: 2 * jnp.exp(-jnp.abs(a)) / (1 + jnp.exp(-2 * jnp.abs(a)))
+            wide = (jnp.tanh(u) - jnp.tanh(l)) / jnp.where(small, 1.0, w)
+            return jnp.where(small, ratio * inv_cosh(u) * inv_cosh(l), wide)
+    return phi, dphi, tangent_points, chord_slope
 
 
 def _sigmoid_lines(name, l, u, mode):
-    phi, dphi, tangent_points = _sigmoid_like(name)
-    narrow = (u - l) < 1e-5
-    # Narrow intervals: the tangent at the centre +- the curvature over the interval (sound, ~exact).
+    phi, dphi, tangent_points, chord_slope = _sigmoid_like(name)
     m = 0.5 * (l + u)
-    width = u - l
+    # The chord's slope in closed form (no φ(u) - φ(l) cancellation) and its intercept through
+    # (l, φ(l)); exact in real arithmetic, within a few ulps in float32 for any width.
+    k = chord_slope(l, u)
     if mode == "analytic":
         # eq. 3.5: slope of the chord; tangents of that slope at t1 < 0 < t2 where curvature changes.
-        d = jnp.where(narrow, dphi(m), (phi(u) - phi(l)) / jnp.where(narrow, 1.0, width))
-        d = jnp.maximum(d, 1e-10)  # saturated ends round to equal values; keeps log(d) finite
+        d = jnp.maximum(k, 1e-10)  # saturated ends: keeps log(d) finite
         t1, t2 = tangent_points(d)
-        chord_b = jnp.where(narrow, phi(m) - d * m, (u * phi(l) - l * phi(u)) / jnp.where(narrow, 1.0, width))
+        chord_b = phi(l) - d * l
         bl = jnp.where(l < 0, phi(t1) - t1 * d, chord_b)
         bu = jnp.where(u > 0, phi(t2) - t2 * d, chord_b)
         al = au = d
     elif mode == "tight":
-        k = jnp.where(narrow, dphi(m), (phi(u) - phi(l)) / jnp.where(narrow, 1.0, width))
-        chord_b = jnp.where(narrow, phi(m) - k * m, (u * phi(l) - l * phi(u)) / jnp.where(narrow, 1.0, width))
+        chord_b = phi(l) - k * l
         tan_m_a, tan_m_b = dphi(m), phi(m) - dphi(m) * m
 
         def bisect(h, lo, hi, keep_hi):

@@ -23,8 +23,16 @@ activation o = max(z, c) (ReLU when c = 0; min(z, c) by symmetry) encoded with w
 The encoding is exact (for any x' ∈ S(x) the network's values are the only feasible completion),
 so the MILP optimum is the exact minimal margin. HiGHS (``scipy.optimize.milp``) solves it; a class
 is *proven* when the solver's dual bound is > 0 (also when it stops at the time limit) and
-*refuted* by any feasible point with a negative objective, which is a real counterexample that we
-re-check with a forward pass of ``fn``.
+*refuted* by any feasible point with a non-positive objective, which is a real counterexample that
+we re-check with a forward pass of ``fn``.
+
+Two modes. By default (the verdict, as for CRE MIP) classes whose CROWN/IBP margin bound is already
+> 0 are skipped, the most suspicious class is solved first, the search stops at the first
+counterexample, and every MILP carries the extra row z_y - z_i <= 0 (MIPVerify's form: robust ⇔
+infeasible), which lets HiGHS prune any branch whose relaxation is positive instead of proving a
+positive optimum -- much faster on robust points, so their exact margin is then not computed. With
+``exact_margin=True`` the plain minimisation is solved for every class that can hold the minimum,
+and ``min_margin`` is exact for every example decided within the time limit.
 
 Numerics: the network is encoded in float64 from the float32 weights; intermediate bounds are
 float32 and are widened by a small relative slack before being used as big-M constants, so a
@@ -58,12 +66,14 @@ class MILPResult(NamedTuple):
 
     status: (B,) one of 'verified', 'falsified', 'timeout', 'misclassified'.
     min_margin: (B,) exact min over S(x) and i ≠ y of z_y - z_i (to the MIP gap) where the solves
-      performed determine it, else NaN (time-outs, misclassified points, or -- without
-      ``exact_margin`` -- when a class certified by the bounds alone might hold the minimum).
+      performed determine it, else NaN: time-outs, misclassified points and, without
+      ``exact_margin``, most verified points (their classes are proven by infeasibility or by the
+      bounds alone, which gives no optimum).
     margin_lower: (B,) a proven lower bound of that minimum (bounds, MILP optima and dual bounds).
     margins: (B, K) exact per-class minima of z_y - z_i for the classes solved to optimality, NaN
       elsewhere (and at y).
-    seconds: (B,) wall time per example (bounds on the tape, encoding and solves).
+    seconds: (B,) wall time per example (its bounds on the tape, encoding, solves and checks); the
+      time limit itself counts solver time only.
     counterexample: (B, *f) the falsifying input (x itself where there is none); None when
       ``return_counterexample=False``.
     counterexample_ok: (B,) the forward pass of fn at the counterexample predicts a class ≠ y and the
@@ -130,7 +140,7 @@ def _check_supported(g) -> None:
                              "are supported.")
 
 
-def _affine_jacobians(node, shapes):
+def _affine_jacobians(node, g):
     """Dense Jacobians (as sparse matrices) of an affine node w.r.t. each dependent operand, and
     the constant part h(0). The node is affine, so h(v) = Σ_j J_j v_j + h(0) exactly."""
     dep_pos = [i for i, a in enumerate(node.ins) if isinstance(a, _Ref)]
@@ -141,7 +151,9 @@ def _affine_jacobians(node, shapes):
             args[i] = v
         return node.prim.bind(*args, **node.params)
 
-    zeros = [jnp.zeros(shapes[node.ins[i].id], jnp.float32) for i in dep_pos]
+    # Evaluate at zeros of each operand's own shape and dtype (that of its interval bounds).
+    zeros = [jnp.zeros(g.shapes[node.ins[i].id], jnp.asarray(g.intervals[node.ins[i].id][0]).dtype)
+             for i in dep_pos]
     const = np.asarray(h(*zeros), np.float64).reshape(-1)
     jacs = jax.jacfwd(h, argnums=tuple(range(len(dep_pos))))(*zeros)
     n_out = const.size
@@ -168,7 +180,7 @@ def _build_encoding(g) -> _Encoding:
     for node in g.nodes:
         n_out = int(np.prod(g.shapes[node.out.id]))
         if node.kind == "affine":
-            jacs, const = _affine_jacobians(node, g.shapes)
+            jacs, const = _affine_jacobians(node, g)
             blocks: Dict[int, sp.csr_matrix] = {}
             for rid, J in jacs:
                 b_in, c_in = exprs[rid]
@@ -220,16 +232,16 @@ class _Problem(NamedTuple):
     n_binary: int
 
 
-def _build_problem(enc: _Encoding, g) -> _Problem:
+def _build_problem(enc: _Encoding, intervals) -> _Problem:
     """The example's constraints: variable bounds from its intervals and the big-M rows."""
-    lo_in, hi_in = (np.asarray(a, np.float64).reshape(-1) for a in g.intervals[enc.input_id])
+    lo_in, hi_in = (np.asarray(a, np.float64).reshape(-1) for a in intervals[enc.input_id])
     lb = [lo_in]
     ub = [hi_in]
     cont_rows, rlo, rhi = [], [], []  # rows over the continuous variables only
     n_bin = 0
-    bin_cols = []  # (layer index, unstable neuron indices)
+    bin_cols = []  # per layer: (layer, unstable neurons, first binary, widened l, widened u)
     for layer in enc.layers:
-        l, u = (np.asarray(a, np.float64).reshape(-1) for a in g.intervals[layer.dep_id])
+        l, u = (np.asarray(a, np.float64).reshape(-1) for a in intervals[layer.dep_id])
         s, c = layer.sign, layer.const
         # w = s (z - c): o = c + s relu(w).
         lw, uw = (l - c, u - c) if s > 0 else (c - u, c - l)
@@ -296,6 +308,65 @@ def _build_problem(enc: _Encoding, g) -> _Problem:
     return _Problem(A, lo_r, hi_r, np.concatenate(lb), np.concatenate(ub), integrality, n_bin)
 
 
+class _ClassSolve(NamedTuple):
+    lower: float              # proven lower bound of min z_y - z_i (-inf if none)
+    proven: bool              # min z_y - z_i > 0 is proven
+    value: Optional[float]    # margin at the best point found (a real point of S(x)), if any
+    optimal: bool             # value is the exact minimum (to the MIP gap)
+    x_input: Optional[np.ndarray]
+    note: str
+
+
+def _solve_class(enc: _Encoding, prob: _Problem, y: int, i: int, *, cutoff: bool, time_limit: float,
+                 mip_rel_gap: float) -> _ClassSolve:
+    """min z_y - z_i over the example's MILP with HiGHS.
+
+    With ``cutoff`` the row z_y - z_i <= 0 is added (MIPVerify's formulation: robust ⇔ infeasible),
+    so HiGHS prunes every branch whose relaxation is already positive instead of proving a positive
+    optimum; the optimum of a feasible problem is then still the exact (negative) minimum."""
+    n_var = prob.lb.size
+    c = np.zeros(n_var)
+    c[:enc.n_cont] = (enc.out[y] - enc.out[i]).toarray().ravel()
+    c0 = float(enc.out0[y] - enc.out0[i])  # scipy's milp has no objective offset
+    A, lo, hi = prob.A, prob.lb_rows, prob.ub_rows
+    if cutoff:
+        A = sp.vstack([A, sp.csr_matrix(c[None])], format="csr")
+        lo, hi = np.r_[lo, -np.inf], np.r_[hi, -c0]
+    cons = LinearConstraint(A, lo, hi) if A.shape[0] else None
+    res = milp(c, integrality=prob.integrality, bounds=Bounds(prob.lb, prob.ub), constraints=cons,
+               options={"disp": False, "presolve": True, "mip_rel_gap": float(mip_rel_gap),
+                        "time_limit": float(time_limit)})
+    lower, proven, note = -np.inf, False, ""
+    dual = getattr(res, "mip_dual_bound", None)
+    if dual is not None and np.isfinite(dual):
+        d = float(dual) + c0
+        if not cutoff:
+            lower, proven = d, d > 0  # a dual bound proves the class even at the time limit
+        elif d > 0:
+            # With the cutoff a positive dual bound means the cut problem is infeasible: the class
+            # is proven, but d is no bound of the uncut minimum (only 0 is).
+            lower, proven = 0.0, True
+        else:
+            lower = d  # the cut problem's minimum is the global one when feasible, else > 0 >= d
+    if res.status == 2 and cutoff:
+        lower, proven = max(lower, 0.0), True  # no point of S(x) with z_i >= z_y
+    elif res.status not in (0, 1):
+        note = f"HiGHS status {res.status} ({res.message})"
+    value, optimal, x_input = None, False, None
+    if res.x is not None:  # any feasible point is a real point of S(x): the encoding is exact
+        value = float(res.fun) + c0
+        optimal = res.status == 0
+        x_input = np.asarray(res.x[:enc.n_input])
+        if optimal and dual is None:
+            # No binaries (every neuron stable): HiGHS solved an LP and reports no MIP dual bound;
+            # its optimum is exact, and with the cutoff it is the global minimum as well.
+            lower, proven = max(lower, value), value > 0 and not cutoff
+    if not proven and not (value is not None and value <= 0) and not note:
+        note = (f"optimum {value:.3g} within the MIP gap of 0" if optimal
+                else "undecided at the time limit")
+    return _ClassSolve(lower, proven, value, optimal, x_input, note)
+
+
 # ----------------------------------------------------------------------------- public API
 def milp_verify(fn: Callable, x, y, threat: ThreatModel, *, method: str = "crown",
                 time_limit: float = 60.0, return_counterexample: bool = True, progress: bool = False,
@@ -317,8 +388,9 @@ def milp_verify(fn: Callable, x, y, threat: ThreatModel, *, method: str = "crown
         'timeout', i.e. not certified; a dual bound > 0 at the limit still proves the class.
       return_counterexample: keep the (B, *f) counterexamples in the result.
       progress: print one line per example.
-      exact_margin: also solve the classes needed to make ``min_margin`` exact (those whose lower
-        bound is below the smallest optimum found) instead of stopping at the verdict; slower.
+      exact_margin: solve the plain minimisation (no cutoff row) for every class whose lower bound
+        is below the smallest margin found, so that ``min_margin`` is exact, instead of stopping at
+        the verdict; slower on robust points. The verdicts of both modes agree.
       mip_rel_gap: HiGHS relative MIP gap (with HiGHS's absolute gap of 1e-6).
 
     Returns a :class:`MILPResult`. Status per example: 'misclassified' when fn(x) does not predict
@@ -341,6 +413,8 @@ def milp_verify(fn: Callable, x, y, threat: ThreatModel, *, method: str = "crown
     if logits.ndim != 2 or logits.shape[0] != B:
         raise ValueError(f"fn must map (B, *f) to logits (B, K); got output shape {logits.shape}.")
     K = logits.shape[1]
+    if K < 2:
+        raise ValueError(f"fn must return at least 2 logits per example, got {K}.")
     if np.any((y_np < 0) | (y_np >= K)):
         raise ValueError(f"labels must lie in [0, {K}), got range [{y_np.min()}, {y_np.max()}].")
 
@@ -354,8 +428,10 @@ def milp_verify(fn: Callable, x, y, threat: ThreatModel, *, method: str = "crown
                               per_feature_eps=(pf[b] if pf_per_example else pf))
 
     # Fail fast on unsupported primitives before any bounds are computed for the batch.
+    t0 = time.perf_counter()
     g0 = bound_graph(fn, x[0], threat_of(0), method=method)
     enc = _build_encoding(g0)
+    g0_seconds = time.perf_counter() - t0  # charged to example 0, which uses this graph
     lower_bp = np.asarray(margin_bounds(fn, x, y, threat, method=method).lower, np.float64)
 
     status = np.empty(B, dtype=object)
@@ -369,7 +445,6 @@ def milp_verify(fn: Callable, x, y, threat: ThreatModel, *, method: str = "crown
     n_binary = np.zeros(B, int)
     n_solves = np.zeros(B, int)
     notes = [""] * B
-    options = {"disp": False, "presolve": True, "mip_rel_gap": float(mip_rel_gap)}
 
     for b in range(B):
         t_start = time.perf_counter()
@@ -387,78 +462,70 @@ def milp_verify(fn: Callable, x, y, threat: ThreatModel, *, method: str = "crown
             continue
 
         tb = threat_of(b)
-        g = g0 if b == 0 else bound_graph(fn, x[b], tb, method=method)
+        if b == 0:
+            g, t_start = g0, t_start - g0_seconds
+        else:
+            g = bound_graph(fn, x[b], tb, method=method)
         if _signature(g) != enc.signature:  # a different trace: never reuse the maps blindly
             enc = _build_encoding(g)
-        prob = _build_problem(enc, g)
+        prob = _build_problem(enc, g.intervals)
         n_binary[b] = prob.n_binary
-        cons = LinearConstraint(prob.A, prob.lb_rows, prob.ub_rows) if prob.A.shape[0] else None
-        bounds = Bounds(prob.lb, prob.ub)
-        n_var = prob.lb.size
         lo_in, hi_in = (np.asarray(a, np.float32).reshape(-1) for a in g.intervals[enc.input_id])
 
         # Most suspicious classes first (smallest bound): a counterexample ends the search early.
         order = [int(i) for i in np.argsort(lower, kind="stable") if i != yb]
-        solved = np.zeros(K, bool)
+        proven = lower > 0  # classes certified by the bounds alone need no MILP
+        solved = np.zeros(K, bool)  # exact optimum known (margins[b, i])
         upper = logits[b, yb] - logits[b]  # the clean point bounds every class's minimum above
-        falsified = False
-        best = None  # (value, input part of the MILP point, class) of the most negative point
+        # (value, input point, class) of the most negative point found; a tie z_i = z_y at x itself
+        # (argmax resolved it to y) is already one.
+        best = None
+        i_tie = min(others, key=lambda i: upper[i])
+        if upper[i_tie] <= 0:
+            best = (float(upper[i_tie]), np.asarray(x[b], np.float64).reshape(-1), i_tie)
         solve_time = 0.0
         for i in order:
             if exact_margin:
                 if lower[i] >= np.min(upper[others]):
                     break  # sorted: no class from here on can hold a smaller minimum
-            elif falsified:
-                break
-            elif lower[i] > 0:
-                continue  # certified by the bounds alone
+            elif best is not None:
+                break  # falsified: the verdict is known
+            elif proven[i]:
+                continue
             remaining = time_limit - solve_time
             if remaining <= 0:
                 note.append("time budget exhausted")
                 break
-            cvec = np.zeros(n_var)
-            cvec[:enc.n_cont] = (enc.out[yb] - enc.out[i]).toarray().ravel()
-            c0 = enc.out0[yb] - enc.out0[i]  # scipy's milp has no objective offset
             t0 = time.perf_counter()
-            res = milp(cvec, integrality=prob.integrality, bounds=bounds, constraints=cons,
-                       options=dict(options, time_limit=float(remaining)))
+            r = _solve_class(enc, prob, yb, i, cutoff=not exact_margin, time_limit=remaining,
+                             mip_rel_gap=mip_rel_gap)
             solve_time += time.perf_counter() - t0
             n_solves[b] += 1
-            dual = getattr(res, "mip_dual_bound", None)
-            if dual is not None and np.isfinite(dual):
-                lower[i] = max(lower[i], float(dual) + c0)  # proven even at the time limit
-            val = None
-            if res.x is not None:  # any feasible point is a real point of S(x) (exact encoding)
-                val = float(res.fun) + c0
-                upper[i] = min(upper[i], val)
-                if val <= 0:
-                    falsified = True
-                    if best is None or val < best[0]:
-                        best = (val, res.x[:enc.n_input], i)
-                if res.status == 0:
-                    margins[b, i] = val
-                    solved[i] = True
-            if res.status not in (0, 1):
-                note.append(f"class {i}: HiGHS status {res.status} ({res.message})")
-            if not (lower[i] > 0 or (val is not None and val <= 0)):
-                note.append(f"class {i}: optimum {val:.3g} within the MIP gap of 0" if res.status == 0
-                            else f"class {i}: undecided at the time limit")
-        # Verdict: every class proven, or a counterexample, or neither (not certified).
-        if falsified:
+            lower[i] = max(lower[i], r.lower)
+            proven[i] |= r.proven
+            if r.value is not None:
+                upper[i] = min(upper[i], r.value)
+                if r.optimal:
+                    margins[b, i], solved[i] = r.value, True
+                if r.value <= 0 and (best is None or r.value < best[0]):
+                    best = (r.value, r.x_input, i)
+            if r.note:
+                note.append(f"class {i}: {r.note}")
+        # Verdict: a counterexample, or every class proven, or neither (not certified).
+        if best is not None:
             status[b] = "falsified"
-        elif all(lower[i] > 0 for i in others):
+        elif all(proven[i] for i in others):
             status[b] = "verified"
         else:
             status[b] = "timeout"
         margin_lower[b] = float(np.min(lower[others]))
-        # min_margin is exact (to the MIP tolerance) when the smallest optimum found is not above
-        # the proven lower bound of any class left unsolved.
-        sol = [i for i in others if solved[i]]
-        if sol:
-            m = min(margins[b, i] for i in sol)
-            tol = 1e-6 + mip_rel_gap * (1.0 + abs(m))
-            if all(solved[j] or lower[j] >= m - tol for j in others):
-                min_margin[b] = m
+        # min_margin is exact (to the MIP tolerance) when the smallest margin attained by a point of
+        # S(x) (the clean point or a MILP solution) is not above the proven lower bound of any
+        # class that was not solved to optimality.
+        m = float(np.min(upper[others]))
+        tol = 1e-6 + mip_rel_gap * (1.0 + abs(m))
+        if status[b] != "timeout" and all(solved[j] or lower[j] >= m - tol for j in others):
+            min_margin[b] = m
         # Re-check the counterexample with the network itself (float32 forward pass).
         if best is not None:
             val, xs, i_c = best
