@@ -14,5 +14,5 @@ def get_config(arg: str = ""):
     c.threat.eps = 0.03
     c.milp.enabled = True
     c.milp.num_examples = 100
-    c.milp.time_limit = 30.0
+    c.milp.time_limit = 10.0
     return apply_variant(c, arg)

@@ -335,8 +335,9 @@ class _Options(NamedTuple):
     sigmoid: str
 
 
-def _affine_pullback(node, lam, tape):
-    """Pull Λ (R, *out) back through an affine node: returns {ref id: Λ_in} and bias (R,)."""
+def node_function(node):
+    """(positions of the input-dependent operands, h) with h(*dependent values) = the node's output,
+    the constant operands fixed. For an affine node h is affine: h(v) = J v + h(0)."""
     dep_pos = [i for i, a in enumerate(node.ins) if isinstance(a, _Ref)]
 
     def h(*dep_vals):
@@ -345,6 +346,12 @@ def _affine_pullback(node, lam, tape):
             args[i] = v
         return node.prim.bind(*args, **node.params)
 
+    return dep_pos, h
+
+
+def _affine_pullback(node, lam, tape):
+    """Pull Λ (R, *out) back through an affine node: returns {ref id: Λ_in} and bias (R,)."""
+    dep_pos, h = node_function(node)
     zeros = [jnp.zeros(tape.shape[node.ins[i].id], tape.dtype[node.ins[i].id]) for i in dep_pos]
     const_part, vjp = jax.vjp(h, *zeros)
     pulled = jax.vmap(vjp)(lam.astype(const_part.dtype))

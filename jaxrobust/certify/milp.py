@@ -50,7 +50,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from jaxrobust.bounds.linear import METHODS, _Ref, bound_graph, margin_bounds
+from jaxrobust.bounds.linear import METHODS, _Ref, bound_graph, margin_bounds, node_function
 from jaxrobust.threat import ThreatModel
 
 STATUSES = ("verified", "falsified", "timeout", "misclassified")
@@ -143,14 +143,7 @@ def _check_supported(g) -> None:
 def _affine_jacobians(node, g):
     """Dense Jacobians (as sparse matrices) of an affine node w.r.t. each dependent operand, and
     the constant part h(0). The node is affine, so h(v) = Σ_j J_j v_j + h(0) exactly."""
-    dep_pos = [i for i, a in enumerate(node.ins) if isinstance(a, _Ref)]
-
-    def h(*dep_vals):
-        args = list(node.ins)
-        for i, v in zip(dep_pos, dep_vals):
-            args[i] = v
-        return node.prim.bind(*args, **node.params)
-
+    dep_pos, h = node_function(node)
     # Evaluate at zeros of each operand's own shape and dtype (that of its interval bounds).
     zeros = [jnp.zeros(g.shapes[node.ins[i].id], jnp.asarray(g.intervals[node.ins[i].id][0]).dtype)
              for i in dep_pos]
