@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
+
+from experiments import define_entrypoint_flags
 
 from jaxrobust.attacks import pgd
 from jaxrobust.certify import (certified_radius_curve, certify, cosine_similarity_stats,
@@ -29,9 +30,7 @@ from jaxrobust.train import load_trained
 from jaxrobust.train.metrics import Progress
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Certification config file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Work directory of a training run.")
-flags.mark_flags_as_required(["config", "workdir"])
+define_entrypoint_flags("Certification config file.", "Work directory of a training run.")
 
 
 def _threat(config, run) -> ThreatModel:

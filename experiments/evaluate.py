@@ -9,16 +9,15 @@ import os
 import jax
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
+
+from experiments import define_entrypoint_flags
 
 from jaxrobust.attacks.autoattack import evaluate_robustness
 from jaxrobust.threat import ThreatModel
 from jaxrobust.train import load_trained
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Evaluation config file.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Work directory of a training run.")
-flags.mark_flags_as_required(["config", "workdir"])
+define_entrypoint_flags("Evaluation config file.", "Work directory of a training run.")
 
 
 def evaluate(config, workdir):

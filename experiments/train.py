@@ -6,15 +6,13 @@
 Re-running the same command on an existing workdir resumes from its latest checkpoint.
 """
 from absl import app, flags, logging
-from ml_collections import config_flags
 
+from experiments import define_entrypoint_flags
 from jaxrobust.train import train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a config file (file.py or file.py:variant).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and summaries.")
-flags.mark_flags_as_required(["config", "workdir"])
+define_entrypoint_flags("Path to a config file (file.py or file.py:variant).",
+                        "Directory for checkpoints, metrics and summaries.")
 
 
 def main(argv):
