@@ -31,30 +31,30 @@ image of the same set under the same affine map.
 Compared (bounds on all logits, lower and upper):
   * ours ``ibp_bounds``                    vs auto_LiRPA ``IBP``
   * ours ``crown_bounds(method='crown')``  vs auto_LiRPA ``CROWN`` with
-    ``compare_crown_with_ibp=True`` (same relaxation: CROWN intermediate bounds intersected with
-    IBP ones computed from the already-tightened bounds, as ours does), and vs auto_LiRPA's default
-    ``CROWN`` (which does not intersect, except that neurons IBP proves stable keep IBP bounds
-    through its sparse intermediate bounds); the difference is reported as tighter / looser.
-  * a bench-local copy of our CROWN without the IBP intersection vs auto_LiRPA ``CROWN`` with
-    ``sparse_intermediate_bounds=False`` (pure CROWN on both sides; library files untouched, the
-    copy of ``_build_tape`` below is swapped in only while tracing that variant).
-  * ours ``crown_ibp`` vs auto_LiRPA ``CROWN-IBP``; ours ``fastlin`` vs auto_LiRPA ``CROWN`` with
-    ``activation_bound_option='same-slope'`` + ``compare_crown_with_ibp=True``.
+    ``compare_crown_with_ibp=True``: the same relaxation and the same intersections on both sides
+    (CROWN intermediate bounds ∩ IBP ones computed from the already-tightened bounds, and the output
+    intervals ∩ their IBP intervals); and, for information, vs auto_LiRPA's default ``CROWN``
+    (sparse intermediate bounds: neurons IBP proves stable keep IBP bounds, no intersection).
+  * ours ``crown_bounds(method='crown', intersect_ibp=False)`` (pure CROWN) vs auto_LiRPA
+    ``CROWN`` with ``sparse_intermediate_bounds=False`` (dense 'matrix' conv mode).
+  * ours ``crown_ibp`` vs auto_LiRPA ``CROWN-IBP`` and ours ``fastlin`` vs auto_LiRPA ``CROWN`` with
+    ``activation_bound_option='same-slope'``, both with ``compare_crown_with_ibp=True``.
+  * ours ``crown`` with ``patches=False`` (dense rows for the conv layers): the speed-up of our
+    patch-form intermediate bounds (``patch_speedup``), same bounds.
 Agreement: max |ours - theirs| over all bounds, and that divided by the mean width of auto_LiRPA's
 bounds ("relative"). Timing: ours jitted (compile = lower+compile, reported separately), auto_LiRPA
 ``compute_bounds`` under ``torch.no_grad()`` with 2 torch threads on the same batch
 (BoundedModule construction reported separately); median of warm calls, a single warm call for
-calls over 2 s, one call for the two diagnostic variants (see ``timed_calls``).
+calls over 2 s, one call for the diagnostic variants (see ``timed_calls``).
 ``speed_ratio`` = auto_LiRPA seconds / ours seconds (> 1: ours faster).
 
-If ``jaxrobust.certify.milp`` exists, MILP seconds per point on fc1 (``--milp_points`` first test
-points, ``--milp_eps``, CROWN intermediate bounds, HiGHS); otherwise a note in the JSON.
+MILP seconds per point on fc1 (``--milp_points`` first test points, ``--milp_eps``, CROWN
+intermediate bounds, HiGHS).
 Writes bench/results/bounds.json.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -66,9 +66,9 @@ import numpy as np
 import optax
 
 from bench.common import time_fn, write_results
-from jaxrobust.bounds import linear as jlinear
-from jaxrobust.bounds.ibp import Interval, ibp_bounds
+from jaxrobust.bounds.ibp import ibp_bounds
 from jaxrobust.bounds.linear import crown_bounds
+from jaxrobust.certify.milp import milp_verify
 from jaxrobust.data import load_dataset
 from jaxrobust.models import create_model, init_variables
 from jaxrobust.models.zoo import ResNet
@@ -218,48 +218,28 @@ def torch_port(name, variables, image_shape):
     return net.eval()
 
 
-# ----------------------------------------------------------------------------- ours, no intersection
-def _build_tape_no_intersection(closed, x, scale, lo, hi, eps, *, norm, intermediate, opts):
-    """Copy of ``jaxrobust.bounds.linear._build_tape`` whose CROWN intermediate bounds REPLACE the
-    IBP ones instead of being intersected with them (pure CROWN, for the cross-check only)."""
-    L = jlinear
-    tape = L._Tape()
-    x_ref = tape.new(x.shape, x.dtype)
-    tape.iv[x_ref.id] = Interval(jnp.maximum(x - scale * eps, lo), jnp.minimum(x + scale * eps, hi))
-    tape.level[x_ref.id] = L._RAW if norm == "linf" else L._LOOSE
-
-    def on_activation(tp, ref):
-        if intermediate != "crown" or ref.id in tp.done or tp.level[ref.id] <= L._EXACT:
-            return
-        shape = tp.shape[ref.id]
-        n = int(np.prod(shape))
-        eye = jnp.eye(n, dtype=x.dtype).reshape((n,) + shape)
-        lams, bias = L._backward(tp, ref.id, jnp.concatenate([eye, -eye]), opts)
-        lam_x = lams.get(x_ref.id, jnp.zeros((2 * n,) + x.shape, x.dtype))
-        low = L._concretise(lam_x, bias, x, scale, lo, hi, eps, norm)
-        tp.iv[ref.id] = Interval(low[:n].reshape(shape), -low[n:].reshape(shape))
-        tp.done.add(ref.id)
-
-    outs = L._trace_tape(closed.jaxpr, closed.consts, [x_ref], tape, on_activation)
-    return tape, x_ref, outs[0]
+# ----------------------------------------------------------------------------- ours
+# Our variants: (method, crown_bounds options).
+OURS = {
+    "ibp": ("ibp", {}),
+    "crown": ("crown", {}),  # CROWN ∩ IBP at every layer and at the output, patch-form conv layers
+    "crown_pure": ("crown", {"intersect_ibp": False}),  # pure CROWN
+    "crown_dense": ("crown", {"patches": False}),  # dense rows for conv layers (timing only)
+    "crown_ibp": ("crown_ibp", {}),
+    "fastlin": ("fastlin", {}),
+}
 
 
-def compile_ours(method, fn, x, threat):
-    """jit + AOT compile of one bound method; returns (compiled, compile seconds)."""
+def compile_ours(variant, fn, x, threat):
+    """jit + AOT compile of one bound variant; returns (compiled, compile seconds)."""
+    method, kw = OURS[variant]
     if method == "ibp":
         f = lambda xb: ibp_bounds(fn, xb, threat)
     else:
-        m = "crown" if method == "crown_no_intersection" else method
-        f = lambda xb: crown_bounds(fn, xb, threat, method=m)
-    original = jlinear._build_tape
-    if method == "crown_no_intersection":
-        jlinear._build_tape = _build_tape_no_intersection  # only while tracing this variant
-    try:
-        t = time.perf_counter()
-        compiled = jax.jit(f).lower(x).compile()
-        return compiled, time.perf_counter() - t
-    finally:
-        jlinear._build_tape = original
+        f = lambda xb: crown_bounds(fn, xb, threat, method=method, **kw)
+    t = time.perf_counter()
+    compiled = jax.jit(f).lower(x).compile()
+    return compiled, time.perf_counter() - t
 
 
 # ----------------------------------------------------------------------------- comparison
@@ -300,13 +280,13 @@ def certified(lo, hi, y):
 # Our method -> (auto_LiRPA method, bound_opts label)
 PAIRS = [
     ("ibp", "IBP", "default"),
-    ("crown", "CROWN", "ibp_intersection"),
-    ("crown", "CROWN", "default"),
-    ("crown_no_intersection", "CROWN", "dense_no_intersection"),
-    ("crown_ibp", "CROWN-IBP", "default"),
+    ("crown", "CROWN", "ibp_intersection"),  # same relaxation and intersections on both sides
+    ("crown", "CROWN", "default"),  # auto_LiRPA's default (sparse, IBP-stable neurons): informative
+    ("crown_pure", "CROWN", "dense_no_intersection"),  # pure CROWN on both sides
+    ("crown_ibp", "CROWN-IBP", "ibp_intersection"),
     ("fastlin", "CROWN", "same_slope_ibp_intersection"),
 ]
-# Variants timed properly; the others (bench-local pure CROWN, Fast-Lin) are timed by one call.
+# Variants timed properly; the others (pure CROWN, Fast-Lin, dense rows) are timed by one call.
 TIMED = ("ibp", "crown", "crown_ibp")
 AL_OPTS = {
     "default": {},
@@ -367,7 +347,9 @@ def bench_net(name, args, al, key):
                                     x_U=normalise((xt + eps).clamp(0, 1)))
         bx = al.BoundedTensor(normalise(xt), ptb)
         ours, ent = {}, {}
-        for method in ("ibp", "crown", "crown_no_intersection", "crown_ibp", "fastlin"):
+        for method in OURS:
+            if method == "crown_dense" and name == "fc1":
+                continue  # no conv layer: the same program as "crown"
             compiled, comp_s = compile_ours(method, fn, x, threat)
             out, secs = timed_calls(lambda: compiled(x), args.iters if method in TIMED else 0,
                                     jax.block_until_ready, first_is_warm=True)
@@ -391,36 +373,38 @@ def bench_net(name, args, al, key):
             print(name, eps, key_name, {k: (v if not isinstance(v, dict) else
                                             {kk: round(vv, 8) for kk, vv in v.items()})
                                         for k, v in ent[key_name].items()}, flush=True)
+        if "crown_dense" in ours:
+            d = ours["crown_dense"]["bounds"]
+            ent["patch_speedup"] = {
+                "crown_dense_seconds": ours["crown_dense"]["seconds"],
+                "crown_seconds": ours["crown"]["seconds"],
+                "ratio": ours["crown_dense"]["seconds"] / ours["crown"]["seconds"],
+                "max_abs_diff": float(max(np.max(np.abs(np.asarray(a) - np.asarray(b)))
+                                          for a, b in zip(d, ours["crown"]["bounds"])))}
+            print(name, eps, "patch_speedup", ent["patch_speedup"], flush=True)
         res["eps"][str(eps)] = ent
     return res, (model, variables, x, y)
 
 
 def milp_section(fc1, points, time_limit, eps):
     """Complete verification (``jaxrobust.certify.milp``, HiGHS) of the first points on fc1."""
-    if importlib.util.find_spec("jaxrobust.certify.milp") is None:
-        return {"skipped": "jaxrobust.certify.milp does not exist in this checkout"}
-    try:
-        from jaxrobust.certify.milp import milp_verify
-        model, variables, x, y = fc1
-        fn = lambda xb: model.apply(variables, xb)
-        threat = ThreatModel("linf", eps, box=(0.0, 1.0))
-        n = min(points, x.shape[0])
-        t = time.perf_counter()
-        r = milp_verify(fn, x[:n], y[:n], threat, method="crown", time_limit=time_limit)
-        wall = time.perf_counter() - t
-        status = [str(v) for v in np.asarray(r.status).ravel()]
-        seconds = [float(v) for v in np.asarray(r.seconds).ravel()]
-        out = {"eps": eps, "time_limit": time_limit, "n": n, "wall_seconds_total": wall,
-               "mean_seconds_per_point": float(np.mean(seconds)),
-               "max_seconds_per_point": float(np.max(seconds)), "status": status,
-               "seconds": seconds,
-               "counts": {k: status.count(k) for k in sorted(set(status))}}
-        for field in ("n_binary", "n_solves"):
-            if hasattr(r, field):
-                out[field] = [int(v) for v in np.asarray(getattr(r, field)).ravel()]
-        return out
-    except Exception as e:  # the module is being written concurrently: record, don't fail the bench
-        return {"skipped": f"milp_verify failed: {type(e).__name__}: {e}"}
+    model, variables, x, y = fc1
+    fn = lambda xb: model.apply(variables, xb)
+    threat = ThreatModel("linf", eps, box=(0.0, 1.0))
+    n = min(points, x.shape[0])
+    t = time.perf_counter()
+    r = milp_verify(fn, x[:n], y[:n], threat, method="crown", time_limit=time_limit)
+    wall = time.perf_counter() - t
+    status = [str(v) for v in np.asarray(r.status).ravel()]
+    seconds = [float(v) for v in np.asarray(r.seconds).ravel()]
+    out = {"eps": eps, "time_limit": time_limit, "n": n, "wall_seconds_total": wall,
+           "mean_seconds_per_point": float(np.mean(seconds)),
+           "max_seconds_per_point": float(np.max(seconds)), "status": status, "seconds": seconds,
+           "counts": {k: status.count(k) for k in sorted(set(status))}}
+    for field in ("n_binary", "n_solves"):
+        if hasattr(r, field):
+            out[field] = [int(v) for v in np.asarray(getattr(r, field)).ravel()]
+    return out
 
 
 def main(argv=None):
@@ -455,7 +439,8 @@ def main(argv=None):
                                              - e["agreement"]["mean_width_auto_lirpa"]),
         "speed_ratio": e["speed_ratio"], "ours_s": e["ours_seconds"],
         "auto_lirpa_s": e["auto_lirpa_seconds"]}
-        for net, r in results.items() for eps, ent in r["eps"].items() for pair, e in ent.items()}
+        for net, r in results.items() for eps, ent in r["eps"].items() for pair, e in ent.items()
+        if pair != "patch_speedup"}
     payload = {"benchmark": "bound propagation vs auto_LiRPA (same weights, same l_inf-ball-and-box "
                             "set), MNIST(-5k) test images",
                "auto_lirpa": {"version": al.__version__, "path": AUTO_LIRPA},

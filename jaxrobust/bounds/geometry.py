@@ -16,7 +16,6 @@ Everything works on the last axis and broadcasts over leading axes; jit/vmap/gra
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 _BIG = 1e30

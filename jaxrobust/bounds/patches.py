@@ -1,0 +1,360 @@
+"""Patch-form backward pass for CROWN intermediate bounds of convolutional layers.
+
+The intermediate bounds of an activation layer of shape (H, W, C) need the identity specification:
+H·W·C rows, each pulled back to the input. In dense form every row is a full map of every earlier
+layer, although the row of the neuron at (i, j) is zero outside that neuron's receptive field. Here
+each row is stored only on its window: the rows of all positions form an array
+``(Hs, Ws, R, Kh, Kw, C)`` (positions of the specification layer, rows per position, window, channels)
+and the window of a layer is the same for all positions up to a shift, ``start = position · stride
++ offset`` (the "patches" idea of auto_LiRPA, derived here from the traced jaxpr):
+
+* a convolution (NHWC, stride s, kernel k, dilation d, padding p) maps a window (S, o, K) of its
+  output to the window (S·s, o·s - p, (K - 1)·s + (k - 1)·d + 1) of its input; the rows are pulled
+  back by ``jax.vjp`` of the same convolution applied to a window-sized crop without padding;
+* element-wise affine nodes (bias, BatchNorm in eval mode, normalisation, residual sums) multiply the
+  rows by the window patches of their derivative and add <Λ, h(0)> to the bias;
+* activations take the window patches of their relaxation lines (positive / negative rows);
+* sum pooling and max pooling (its relaxation selects one element per window) scatter each window
+  offset back with a strided pad.
+
+Entries of a window that fall outside the layer (the convolution's zero padding) are masked to zero
+after every spatial pull-back: they stand for constants, not for inputs. At the input the bound is
+concretised row by row on the window patches of x and of the box (exact, as in the dense pass).
+
+The result equals the dense pass to float rounding; it is used when every node on the way back is
+one of the above and the windows are smaller than the maps (``local_plan``), otherwise the dense
+pass runs. Everything is per example (vmapped by the caller), jit-able and differentiable.
+"""
+from __future__ import annotations
+
+from typing import Dict, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxrobust.bounds import geometry
+from jaxrobust.bounds.linear import (_Ref, _activation_lines, _pos_neg, _window_patches,
+                                     node_function, strided_conv_transpose)
+
+_ELEMENTWISE = {"add", "add_any", "sub", "neg", "mul", "div", "convert_element_type", "copy",
+                "copy_p", "reduce_precision", "select_n"}
+_LAYOUT = {"reshape", "broadcast_in_dim", "squeeze", "expand_dims"}
+_NHWC = ((0, 3, 1, 2), (0, 3, 1, 2))  # lhs_spec, out_spec of an NHWC convolution
+# A window-crop convolution is pulled back by one dense (window_out x window_in) matrix when its
+# flop inflation over the convolution times min(C_in, C_out) is at most this (XLA:CPU runs
+# convolutions of few channels at 2-15 GFLOP/s and matmuls at 120-190: measured on the shapes of
+# the bound passes), and the matrix has at most this many entries.
+_MATMUL_INFLATION = 80
+_MATMUL_ENTRIES = 1 << 22
+
+
+class NotLocal(Exception):
+    """The backward pass from this node cannot run in patch form."""
+
+
+class Window(NamedTuple):
+    """Rows of position (i, j) live on rows i·Sh + oh ... + Kh - 1 (same for columns)."""
+    stride: tuple
+    offset: tuple
+    size: tuple
+
+
+def _hwc(shape):
+    """(H, W, C) of an NHWC value with a unit batch axis, or of an (H, W, C) input."""
+    shape = tuple(shape)
+    if len(shape) == 4 and shape[0] == 1:
+        return shape[1:]
+    if len(shape) == 3:
+        return shape
+    raise NotLocal(f"value of shape {shape} is not an image")
+
+
+def _deps(node):
+    return [a for a in node.ins if isinstance(a, _Ref)]
+
+
+def _spatial_params(node):
+    """(strides, low paddings, kernel extents (k - 1)·d + 1) of a conv / pooling node."""
+    name = node.prim.name
+    p = node.params
+    if name == "conv_general_dilated":
+        dn = p["dimension_numbers"]
+        if (tuple(dn.lhs_spec), tuple(dn.out_spec)) != _NHWC or any(v != 1 for v in p["lhs_dilation"]) \
+                or p.get("batch_group_count", 1) != 1 or not isinstance(node.ins[0], _Ref) \
+                or isinstance(node.ins[1], _Ref):
+            raise NotLocal("convolution layout")
+        k = [np.shape(node.ins[1])[d] for d in dn.rhs_spec[2:]]
+        ext = [(kk - 1) * dd + 1 for kk, dd in zip(k, p["rhs_dilation"])]
+        return tuple(p["window_strides"]), tuple(lo for lo, _ in p["padding"]), tuple(ext)
+    # reduce_window_sum / reduce_window_max over (1, H, W, C) with unit batch / channel windows
+    dims, strides = p["window_dimensions"], p["window_strides"]
+    wdil = p.get("window_dilation", (1,) * len(dims))
+    if len(dims) != 4 or dims[0] != 1 or dims[3] != 1 or strides[0] != 1 or strides[3] != 1 \
+            or any(v != 1 for v in p.get("base_dilation", (1,) * 4)) or p["padding"][0] != (0, 0) \
+            or p["padding"][3] != (0, 0):
+        raise NotLocal("pooling layout")
+    ext = [(dims[i] - 1) * wdil[i] + 1 for i in (1, 2)]
+    return (strides[1], strides[2]), (p["padding"][1][0], p["padding"][2][0]), tuple(ext)
+
+
+def input_window(node, w: Window, tape) -> Window:
+    """Window of the node's input-dependent operand(s) for rows living on ``w`` at its output."""
+    name = node.prim.name
+    deps = _deps(node)
+    out_hwc = _hwc(tape.shape[node.out.id])
+    if name in ("conv_general_dilated", "reduce_window_sum", "reduce_window_max"):
+        s, plo, ext = _spatial_params(node)
+        return Window(tuple(a * b for a, b in zip(w.stride, s)),
+                      tuple(o * ss - pp for o, ss, pp in zip(w.offset, s, plo)),
+                      tuple((k - 1) * ss + e for k, ss, e in zip(w.size, s, ext)))
+    if name in _ELEMENTWISE or name in _LAYOUT or node.kind == "act":
+        for a in deps:
+            if _hwc(tape.shape[a.id]) != out_hwc or int(np.prod(tape.shape[a.id])) != int(np.prod(out_hwc)):
+                raise NotLocal(f"'{name}' broadcasts an input-dependent operand")
+        return w
+    raise NotLocal(f"no patch rule for '{name}'")
+
+
+def _union(a: Window, b: Window) -> Window:
+    if a.stride != b.stride:
+        raise NotLocal("two paths reach a value with different strides")
+    off = tuple(min(x, y) for x, y in zip(a.offset, b.offset))
+    end = tuple(max(x + k, y + m) for x, k, y, m in zip(a.offset, a.size, b.offset, b.size))
+    return Window(a.stride, off, tuple(e - o for e, o in zip(end, off)))
+
+
+class Plan(NamedTuple):
+    windows: Dict[int, Window]  # final (union) window of every ref on the way back
+    patch_cost: int
+    dense_cost: int
+
+
+def local_plan(tape, start_id: int, x_id: int) -> Optional[Plan]:
+    """Windows of the backward pass from ``start_id`` in patch form, or None if some node has no
+    patch rule or the patches would not be smaller than the dense rows."""
+    try:
+        hwc = _hwc(tape.shape[start_id])
+        if start_id == x_id or hwc[0] * hwc[1] <= 1:
+            return None
+        win = {start_id: Window((1, 1), (0, 0), (1, 1))}
+        for ni in range(tape.producer[start_id], -1, -1):
+            node = tape.nodes[ni]
+            if node.out.id not in win:
+                continue
+            w_in = input_window(node, win[node.out.id], tape)
+            for a in _deps(node):
+                win[a.id] = _union(win[a.id], w_in) if a.id in win else w_in
+        if x_id not in win:
+            return None
+    except NotLocal:
+        return None
+    patch = dense = 0
+    for rid, w in win.items():
+        h, wd, c = _hwc(tape.shape[rid])
+        patch += w.size[0] * w.size[1] * c
+        dense += h * wd * c
+    if patch >= dense:
+        return None
+    return Plan(win, patch, dense)
+
+
+# ----------------------------------------------------------------------------- window arrays
+def _index(n_pos, stride, offset, size, extent):
+    """Static (n_pos, size) source indices (clipped) and validity of a window along one axis."""
+    idx = np.arange(n_pos)[:, None] * stride + offset + np.arange(size)[None, :]
+    return np.clip(idx, 0, extent - 1), (idx >= 0) & (idx < extent)
+
+
+def extract(arr, w: Window, grid):
+    """Window patches of an (H, W, C) / (1, H, W, C) array for each position of ``grid`` (Hs, Ws):
+    (Hs, Ws, 1, Kh, Kw, C), zero outside the array."""
+    h, wd, c = _hwc(arr.shape)
+    a = jnp.reshape(arr, (h, wd, c))
+    ih, vh = _index(grid[0], w.stride[0], w.offset[0], w.size[0], h)
+    iw, vw = _index(grid[1], w.stride[1], w.offset[1], w.size[1], wd)
+    p = a[ih[:, None, :, None], iw[None, :, None, :]][:, :, None]  # one gather: (Hs, Ws, 1, Kh, Kw, C)
+    return jnp.where(_mask(w, grid, (h, wd)), p, jnp.zeros((), p.dtype))  # (inf boxes stay out)
+
+
+def _mask(w: Window, grid, hw):
+    _, vh = _index(grid[0], w.stride[0], w.offset[0], w.size[0], hw[0])
+    _, vw = _index(grid[1], w.stride[1], w.offset[1], w.size[1], hw[1])
+    return (vh[:, None, None, :, None, None] & vw[None, :, None, None, :, None])
+
+
+def _embed(lam, w: Window, target: Window):
+    """Zero-pad rows living on ``w`` to the larger window ``target`` (same stride)."""
+    if w == target:
+        return lam
+    pads = [(0, 0, 0)] * 3
+    for ax in range(2):
+        lo = w.offset[ax] - target.offset[ax]
+        pads.append((lo, target.size[ax] - w.size[ax] - lo, 0))
+    pads.append((0, 0, 0))
+    return jax.lax.pad(lam, jnp.zeros((), lam.dtype), pads)
+
+
+def _scatter_offsets(vals, offsets, stride, k_out, k_in):
+    """Σ_off of ``vals[off]`` (.., Kh, Kw, C) placed with the given stride at ``off`` inside an
+    input window of size k_in: the pull-back of a strided window selection."""
+    out = 0
+    for v, (a, b) in zip(vals, offsets):
+        pads = [(0, 0, 0)] * (v.ndim - 3)
+        pads += [(a, k_in[0] - (k_out[0] - 1) * stride[0] - 1 - a, stride[0] - 1),
+                 (b, k_in[1] - (k_out[1] - 1) * stride[1] - 1 - b, stride[1] - 1), (0, 0, 0)]
+        out = out + jax.lax.pad(v, jnp.zeros((), v.dtype), pads)
+    return out
+
+
+# ----------------------------------------------------------------------------- backward pass
+def _pull_spatial(node, lam, w_out: Window, w_in: Window, tape, grid, dep_id):
+    """Rows (Hs, Ws, R, Kh, Kw, C) through a conv / pooling node (the non-relaxed part)."""
+    name = node.prim.name
+    hs, ws, r = lam.shape[:3]
+    if name == "conv_general_dilated":
+        p = node.params
+        kernel = node.ins[1]
+        cin = _hwc(tape.shape[dep_id])[2]
+        cout = lam.shape[-1]
+        crop_params = dict(p, padding=((0, 0), (0, 0)))
+
+        def crop_conv(z):
+            return jax.lax.conv_general_dilated(
+                z, kernel, p["window_strides"], ((0, 0), (0, 0)), rhs_dilation=p["rhs_dilation"],
+                dimension_numbers=p["dimension_numbers"], feature_group_count=p["feature_group_count"],
+                precision=p.get("precision"), preferred_element_type=p.get("preferred_element_type"))
+
+        n = hs * ws * r
+        flat = lam.reshape((n,) + lam.shape[3:])
+        _, _, ext = _spatial_params(node)
+        rows_size, in_size = int(np.prod(lam.shape[3:])), w_in.size[0] * w_in.size[1] * cin
+        inflation = (w_in.size[0] * w_in.size[1]) / (ext[0] * ext[1])
+        if inflation * min(cin, cout) <= _MATMUL_INFLATION and rows_size * in_size <= _MATMUL_ENTRIES:
+            # The crop's transpose as one (window_out, window_in) matrix: more flops than the
+            # convolution but run at matmul speed, a net win for few channels (XLA:CPU).
+            _, vjp1 = jax.vjp(crop_conv, jnp.zeros((1,) + w_in.size + (cin,), lam.dtype))
+            eye = jnp.eye(rows_size, dtype=lam.dtype).reshape((rows_size, 1) + lam.shape[3:])
+            m = jax.vmap(lambda e: vjp1(e)[0])(eye).reshape(rows_size, in_size)
+            g = (flat.reshape(n, rows_size) @ m).reshape((n,) + w_in.size + (cin,))
+        else:
+            g = strided_conv_transpose(flat, kernel, crop_params, w_in.size)
+            if g is None:
+                z0 = jnp.zeros((n,) + w_in.size + (cin,), lam.dtype)
+                _, vjp = jax.vjp(crop_conv, z0)
+                g = vjp(flat.astype(z0.dtype))[0]
+        return g.reshape((hs, ws, r) + g.shape[1:])
+    dims = node.params["window_dimensions"]
+    wdil = node.params.get("window_dilation", (1,) * 4)
+    s = (node.params["window_strides"][1], node.params["window_strides"][2])
+    offsets = [(a * wdil[1], b * wdil[2]) for a in range(dims[1]) for b in range(dims[2])]
+    return _scatter_offsets([lam] * len(offsets), offsets, s, w_out.size, w_in.size)
+
+
+def backward_local(tape, start_id: int, x_id: int, plan: Plan, opts):
+    """Identity specification at ``start_id`` (rows: every neuron, lower then upper) pulled back in
+    patch form. Returns (Λ at the input (Hs, Ws, 2C, Kh, Kw, Cx), bias (Hs, Ws, 2C))."""
+    hs, ws, c = _hwc(tape.shape[start_id])
+    grid = (hs, ws)
+    dtype = tape.dtype[start_id]
+    wins = plan.windows
+    lams = {start_id: jnp.broadcast_to(jnp.eye(c, dtype=dtype)[:, None, None, :], (hs, ws, c, 1, 1, c))}
+    bias = jnp.zeros((hs, ws, c), dtype)
+    paired = True  # rows stand for +Λ and -Λ until the first relaxation
+
+    def add(rid, g, w):
+        g = _embed(g, w, wins[rid])
+        lams[rid] = lams[rid] + g if rid in lams else g
+
+    def fold(v):
+        return jnp.sum(v.reshape(v.shape[:3] + (-1,)), axis=-1)
+
+    for ni in range(tape.producer[start_id], -1, -1):
+        node = tape.nodes[ni]
+        rid = node.out.id
+        if rid not in lams:
+            continue
+        lam = lams.pop(rid)
+        w_out = wins[rid]
+        if paired and node.kind != "affine":
+            lams = {k: jnp.concatenate([v, -v], axis=2) for k, v in lams.items()}
+            lam, bias, paired = jnp.concatenate([lam, -lam], axis=2), jnp.concatenate([bias, -bias], 2), False
+        name = node.prim.name
+        deps = _deps(node)
+        w_in = input_window(node, w_out, tape)
+        if node.kind == "act":
+            al, bl, au, bu = _activation_lines(node, tape.iv[deps[0].id], opts.relu, opts.sigmoid)
+            pos, neg = _pos_neg(lam)
+            ex = lambda a: extract(jnp.broadcast_to(a, tape.shape[rid]), w_out, grid)
+            bias = bias + fold(pos * ex(bl) + neg * ex(bu))
+            add(deps[0].id, pos * ex(al) + neg * ex(au), w_in)
+        elif node.kind == "maxpool":
+            dep = node.ins[0]
+            iv = tape.iv[dep.id]
+            lp = _window_patches(iv.lo, node.params, -jnp.inf)
+            up = _window_patches(iv.hi, node.params, -jnp.inf)
+            star = jnp.argmax(lp, axis=0)
+            onehot = (jnp.arange(lp.shape[0]).reshape((-1,) + (1,) * (lp.ndim - 1)) == star).astype(dtype)
+            l_star = jnp.max(lp, axis=0)
+            u_others = jnp.max(jnp.where(onehot > 0, -jnp.inf, up), axis=0)
+            dominant = (l_star >= u_others).astype(dtype)
+            u_max = jnp.max(up, axis=0)
+            pos, neg = _pos_neg(lam)
+            bias = bias + fold(neg * extract(jnp.where(dominant > 0, 0.0, u_max), w_out, grid))
+            lam_sel = pos + neg * extract(dominant, w_out, grid)
+            dims = node.params["window_dimensions"]
+            wdil = node.params.get("window_dilation", (1,) * 4)
+            offsets = [(a * wdil[1], b * wdil[2]) for a in range(dims[1]) for b in range(dims[2])]
+            vals = [lam_sel * extract(onehot[k], w_out, grid) for k in range(len(offsets))]
+            s = (node.params["window_strides"][1], node.params["window_strides"][2])
+            g = _scatter_offsets(vals, offsets, s, w_out.size, w_in.size)
+            add(dep.id, g * _mask(w_in, grid, _hwc(tape.shape[dep.id])[:2]).astype(dtype), w_in)
+        elif name in ("conv_general_dilated", "reduce_window_sum"):
+            dep = deps[0]
+            g = _pull_spatial(node, lam, w_out, w_in, tape, grid, dep.id)
+            add(dep.id, g * _mask(w_in, grid, _hwc(tape.shape[dep.id])[:2]).astype(dtype), w_in)
+        else:  # element-wise affine or layout: h(v) = Σ_i a_i ⊙ v_i + h(0)
+            dep_pos, h = node_function(node)
+            zeros = [jnp.zeros(tape.shape[node.ins[i].id], tape.dtype[node.ins[i].id]) for i in dep_pos]
+            h0 = h(*zeros)
+            if name not in _LAYOUT:
+                bias = bias + fold(lam * extract(h0, w_out, grid))
+            for k, i in enumerate(dep_pos):
+                if name in _LAYOUT:
+                    slope_p = None
+                else:
+                    tangents = [jnp.ones_like(z) if j == k else jnp.zeros_like(z) for j, z in enumerate(zeros)]
+                    slope = jax.jvp(h, zeros, tangents)[1]
+                    slope_p = extract(slope, w_out, grid)
+                add(node.ins[i].id, lam if slope_p is None else lam * slope_p, w_in)
+    if paired:
+        lams = {k: jnp.concatenate([v, -v], axis=2) for k, v in lams.items()}
+        bias = jnp.concatenate([bias, -bias], axis=2)
+    lam_x = lams.get(x_id)
+    if lam_x is None:
+        lam_x = jnp.zeros((hs, ws, 2 * c) + wins.get(x_id, Window((1, 1), (0, 0), (1, 1))).size
+                          + (_hwc(tape.shape[x_id])[2],), dtype)
+    return lam_x, bias
+
+
+def concretise_local(lam_x, bias, w: Window, x, scale, lo, hi, eps, norm):
+    """Row-wise exact minimum of <Λ, x'> + bias over S(x) with rows on window patches: (Hs, Ws, R)."""
+    grid = lam_x.shape[:2]
+    flat = lambda v: v.reshape(v.shape[:3] + (-1,))
+    xp, sp = flat(extract(x, w, grid)), flat(extract(scale, w, grid))
+    lop = flat(extract(jnp.broadcast_to(lo, x.shape), w, grid))
+    hip = flat(extract(jnp.broadcast_to(hi, x.shape), w, grid))
+    lam = flat(lam_x)
+    vlo, vhi = geometry.scaled_box(xp, sp, lop, hip)
+    wgt, cap = geometry.descent_caps(lam * sp, vlo, vhi)
+    gain = geometry.max_capped_gain(wgt, cap, eps, norm)
+    return jnp.sum(lam * xp, axis=-1) + bias - gain
+
+
+def intermediate_bounds(tape, start_id: int, x_id: int, plan: Plan, opts, x, scale, lo, hi, eps, norm):
+    """(lower, upper) of the value ``start_id`` by the patch-form backward pass (its shape)."""
+    lam_x, bias = backward_local(tape, start_id, x_id, plan, opts)
+    low = concretise_local(lam_x, bias, plan.windows[x_id], x, scale, lo, hi, eps, norm)
+    c = low.shape[2] // 2
+    shape = tape.shape[start_id]
+    return low[..., :c].reshape(shape), -low[..., c:].reshape(shape)
