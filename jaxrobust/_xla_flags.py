@@ -1,17 +1,20 @@
 """XLA:CPU flags set before JAX starts its CPU backend (imported first by ``jaxrobust``).
 
-jaxlib 0.10's XLA:CPU fuses dots, reductions and transposes into "YNN" fusions by default. One of
-them crashes the process (SIGSEGV in ``ynn::make_transpose_impl`` / ``slinky::fuse_contiguous_dims``)
-on jitted gradients of the patch-form bound passes, and disabling them made those passes 1.4x
-faster (measured on CROWN for the small CNN). So, unless the user already chose a value, importing
-jaxrobust turns them off for jaxlib 0.10.x. It only takes effect if no JAX computation ran in the
-process before ``import jaxrobust``; other jaxlib versions are left alone (an XLA build that does
-not know a flag aborts on it).
+jaxlib 0.10's XLA:CPU hands dots, reductions and element-wise fusions to YNNPACK ("YNN fusions") by
+default. Its reduce / element-wise fusions crash the process (SIGSEGV in
+``ynn::make_transpose_impl`` / ``slinky::fuse_contiguous_dims``) on jitted gradients of the
+patch-form bound passes (tests/test_bounds_patches.py). Keeping only the dot fusions avoids the
+crash and was also the fastest setting measured here (2 cores): CROWN on the small CNN 0.38 s vs
+0.52 s with the defaults, a PGD-10 training step of FC1 46 vs 45 steps/s and of ResNet18 (w=8)
+0.16 vs 0.13 steps/s. So, unless the user already chose a value, importing jaxrobust keeps only
+the dot fusions for jaxlib 0.10.x. It takes effect only if no JAX computation ran in the process
+before ``import jaxrobust`` (a warning says so); other jaxlib versions are left alone (an XLA build
+that does not know a flag aborts on it).
 """
 import os
 import warnings
 
-_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot,individual_dot"
 
 
 def _apply():
@@ -32,7 +35,8 @@ def _apply():
         started = False
     if started:
         warnings.warn("jaxrobust was imported after JAX started its backends, so it could not turn off "
-                      "jaxlib 0.10's XLA:CPU YNN fusions, which can crash jitted bound gradients on CPU. "
+                      "jaxlib 0.10's XLA:CPU YNN reduce/element-wise fusions, which can crash jitted bound "
+                      "gradients on CPU. "
                       f"Import jaxrobust first, or set XLA_FLAGS='{_FLAG}'.", RuntimeWarning, stacklevel=3)
         return
     os.environ["XLA_FLAGS"] = f"{flags} {_FLAG}".strip()

@@ -286,3 +286,21 @@ def test_extract_matches_naive_windows():
     # infinite boxes stay out of the padding (no 0 * inf = nan)
     inf = patches.extract(jnp.full((7, 5, 3), -jnp.inf), w, grid)
     assert not bool(jnp.any(jnp.isnan(inf)))
+
+
+def test_import_keeps_only_ynn_dot_fusions_on_jaxlib_010_and_respects_user_flags():
+    import subprocess
+    import sys
+    from importlib.metadata import version
+    code = "import os, jaxrobust; print(os.environ.get('XLA_FLAGS', ''))"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    if version("jaxlib").startswith("0.10."):
+        assert out == "--xla_cpu_experimental_ynn_fusion_type=dot,individual_dot"
+    else:
+        assert "ynn" not in out
+    mine = "--xla_force_host_platform_device_count=2 --xla_cpu_experimental_ynn_fusion_type=dot"
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, XLA_FLAGS=mine),
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == mine
