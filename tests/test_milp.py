@@ -270,6 +270,40 @@ def test_counterexamples_are_real_and_verified_points_resist_pgd(mixed_case):
     assert milp_certified_error(fast) == pytest.approx(1 - ver.mean())
 
 
+def test_small_cnn_exact_margins_bound_crown_and_resist_pgd():
+    """A two-layer strided CNN (8x8x1 -> 4x4x4 -> 2x2x4 -> K): the MILP over the traced conv graph
+    is exact -- CROWN's margin bounds lie below its margins, its counterexamples are real, PGD does
+    not break what it verifies -- and it verifies a point CROWN cannot."""
+    ks = jax.random.split(jax.random.PRNGKey(0), 4)
+    k1 = jax.random.normal(ks[0], (3, 3, 1, 4)) * 0.6
+    k2 = jax.random.normal(ks[1], (3, 3, 4, 4)) * 0.4
+    W, b = jax.random.normal(ks[2], (16, K)) * 0.5, jax.random.normal(ks[3], (K,)) * 0.1
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def fn(x):
+        h = jax.nn.relu(jax.lax.conv_general_dilated(x, k1, (2, 2), "SAME", dimension_numbers=dn) + 0.1)
+        h = jax.nn.relu(jax.lax.conv_general_dilated(h, k2, (2, 2), "SAME", dimension_numbers=dn) - 0.05)
+        return h.reshape(h.shape[0], -1) @ W + b
+
+    x = jnp.asarray(np.random.default_rng(6).uniform(0.0, 1.0, (B, 8, 8, 1)), jnp.float32)
+    y = jnp.argmax(fn(x), 1).astype(jnp.int32)
+    threat = ThreatModel("linf", jnp.asarray([0.01, 0.03, 0.06, 0.1], jnp.float32))
+    res = milp_verify(fn, x, y, threat, exact_margin=True)
+    assert {"verified", "falsified"} <= set(res.status) <= {"verified", "falsified"}
+    lb = np.asarray(margin_bounds(fn, x, y, threat).lower, np.float64)
+    solved = np.isfinite(res.margins)
+    assert np.all(lb[solved] <= res.margins[solved] + 1e-5)
+    crown_min = _min_over_classes(lb, y)
+    assert np.any((res.status == "verified") & (crown_min < 0))
+    fals = res.status == "falsified"
+    cex = jnp.asarray(res.counterexample)
+    assert bool(jnp.all(threat.contains(x, cex, atol=1e-6)[fals]))
+    assert np.all(np.asarray(jnp.argmax(fn(cex), 1))[fals] != np.asarray(y)[fals])
+    adv = pgd(fn, x, y, jax.random.PRNGKey(0), threat, steps=50, restarts=3, loss="cw")
+    ver = res.status == "verified"
+    assert np.all(np.asarray(jnp.argmax(fn(adv), 1))[ver] == np.asarray(y)[ver])
+
+
 def test_misclassified_points_are_reported_without_solving():
     params = _params(3, [4, 5, 4, K])
     fn = _mlp(params)
