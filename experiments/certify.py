@@ -10,17 +10,15 @@ input) and Fig 3.9 (distribution of the optimal certified bounds).
 ``nonuniform``: Algorithm 3.3, uniform vs non-uniform ε_avg and their ratio (Table 3.2), cosine
 similarity of the bounding maps (Table 3.3), Fig 3.5 bounding maps, Fig 3.3 for 2-D data.
 """
-import json
 import os
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, logging
 
-from experiments import define_entrypoint_flags
+from experiments import define_entrypoint_flags, make_main, write_json_atomic
 
 from jaxrobust.attacks import pgd
 from jaxrobust.certify import (certified_radius_curve, certify, cosine_similarity_stats,
@@ -29,7 +27,6 @@ from jaxrobust.threat import ThreatModel
 from jaxrobust.train import load_trained
 from jaxrobust.train.metrics import Progress
 
-FLAGS = flags.FLAGS
 define_entrypoint_flags("Certification config file.", "Work directory of a training run.")
 
 
@@ -60,13 +57,6 @@ def _map_batches(step, x, y, batch_size, name):
         outs.append({k: v[mask] for k, v in o.items()})
         prog.maybe_print(s + int(mask.sum()))
     return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
-
-
-def _atomic_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def table3_6(config, run, threat, fn, x, y, plot_dir):
@@ -243,17 +233,11 @@ def certify_run(config, workdir):
     out.update(mode=config.mode, num_examples=int(n), split=config.split, step=run.step,
                threat={"norm": threat.norm, "eps": float(threat.eps), "box": threat.box},
                lin_method=config.lin_method, total_s=time.time() - t)
-    _atomic_json(out, os.path.join(workdir, name))
+    write_json_atomic(out, os.path.join(workdir, name))
     return out
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    out = certify_run(FLAGS.config, FLAGS.workdir)
-    print(json.dumps({k: v for k, v in out.items() if k not in ("timing",)}, indent=2))
+main = make_main(certify_run, lambda out: {k: v for k, v in out.items() if k not in ("timing",)})
 
 
 if __name__ == "__main__":

@@ -3,20 +3,18 @@
     python -m experiments.evaluate --config=configs/eval/autoattack_standard.py --workdir=runs/demo \
         [--config.threat.eps=0.2 --config.threat.norm=l2 --config.num_examples=500]
 """
-import json
 import os
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app
 
-from experiments import define_entrypoint_flags
+from experiments import define_entrypoint_flags, make_main, write_json_atomic
 
 from jaxrobust.attacks.autoattack import evaluate_robustness
 from jaxrobust.threat import ThreatModel
 from jaxrobust.train import load_trained
 
-FLAGS = flags.FLAGS
 define_entrypoint_flags("Evaluation config file.", "Work directory of a training run.")
 
 
@@ -44,22 +42,13 @@ def evaluate(config, workdir):
     out = {k: v for k, v in res.items() if k not in ("x_adv", "robust")}
     out.update(threat={"norm": norm, "eps": float(eps)}, split=config.split, step=run.step,
                attacks=list(config.attacks))
-    tmp = os.path.join(workdir, "eval.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(tmp, os.path.join(workdir, "eval.json"))
+    write_json_atomic(out, os.path.join(workdir, "eval.json"))
     os.remove(state_path) if os.path.exists(state_path) else None  # finished: nothing to resume
     return out
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    out = evaluate(FLAGS.config, FLAGS.workdir)
-    print(json.dumps({k: out[k] for k in ("num_examples", "clean_accuracy", "robust_accuracy",
-                                          "worst_case_robust_accuracy")}, indent=2))
+main = make_main(evaluate, lambda out: {k: out[k] for k in ("num_examples", "clean_accuracy", "robust_accuracy",
+                                                            "worst_case_robust_accuracy")})
 
 
 if __name__ == "__main__":

@@ -171,8 +171,8 @@ def extract(arr, w: Window, grid):
     (Hs, Ws, 1, Kh, Kw, C), zero outside the array."""
     h, wd, c = _hwc(arr.shape)
     a = jnp.reshape(arr, (h, wd, c))
-    ih, vh = _index(grid[0], w.stride[0], w.offset[0], w.size[0], h)
-    iw, vw = _index(grid[1], w.stride[1], w.offset[1], w.size[1], wd)
+    ih, _ = _index(grid[0], w.stride[0], w.offset[0], w.size[0], h)
+    iw, _ = _index(grid[1], w.stride[1], w.offset[1], w.size[1], wd)
     p = a[ih[:, None, :, None], iw[None, :, None, :]][:, :, None]  # one gather: (Hs, Ws, 1, Kh, Kw, C)
     return jnp.where(_mask(w, grid, (h, wd)), p, jnp.zeros((), p.dtype))  # (inf boxes stay out)
 
