@@ -6,7 +6,7 @@ and returns its path; inputs are numpy or jax arrays.
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Sequence
 
 import matplotlib
 

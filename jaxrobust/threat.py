@@ -16,7 +16,6 @@ multiplier λ >= 0 per example, found by bisection (see :func:`project`).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional, Tuple, Union
 
 import jax

@@ -27,6 +27,7 @@ def test_table3_6(run_dir):
     with open(os.path.join(run_dir, "certify.json")) as f:
         saved = json.load(f)
     assert saved["num_examples"] == 32 and saved["threat"]["eps"] == 0.05
+    assert {k: out[k] for k in ("CTE", "PGD", "CRE Lin")} == {k: saved[k] for k in ("CTE", "PGD", "CRE Lin")}
     assert saved["certified_but_attacked"] == 0
     assert saved["CTE"] <= saved["PGD"] <= saved["CRE Lin"] + 1e-9 and saved["PGD"] <= saved["CRE IBP"] + 1e-9
     assert saved["ACB PEC"] >= saved["ACB Lin"] - 1e-9

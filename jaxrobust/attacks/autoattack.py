@@ -16,7 +16,6 @@ standard version: APGD-CE, APGD-T, FAB-T, Square-5000.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Callable, Dict, Optional, Sequence

@@ -14,7 +14,7 @@ differentiable w.r.t. parameters closed over by ``fn``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Tuple
+from typing import Callable, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -147,18 +147,21 @@ def _where(eqn, index: int) -> str:
     return f"{loc or 'unknown location'}, equation {index} of the traced function"
 
 
+class _JaxprEnv(dict):
+    """Values of a jaxpr's variables while it is interpreted, starting from its constants and
+    arguments; ``read`` also accepts literals."""
+
+    def __init__(self, jaxpr, consts, args):
+        super().__init__(zip(jaxpr.constvars, consts))
+        self.update(zip(jaxpr.invars, args))
+
+    def read(self, v):
+        return v.val if isinstance(v, jcore.Literal) else self[v]
+
+
 def _eval_jaxpr(jaxpr, consts, args, context: str = ""):
-    env: Dict[Any, Any] = {}
-
-    def read(v):
-        if isinstance(v, jcore.Literal):
-            return v.val
-        return env[v]
-
-    for v, c in zip(jaxpr.constvars, consts):
-        env[v] = c
-    for v, a in zip(jaxpr.invars, args):
-        env[v] = a
+    env = _JaxprEnv(jaxpr, consts, args)
+    read = env.read
     for index, eqn in enumerate(jaxpr.eqns):
         ins = [read(v) for v in eqn.invars]
         name = eqn.primitive.name

@@ -40,10 +40,10 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend import core as jcore
 
 from jaxrobust.bounds import geometry
-from jaxrobust.bounds.ibp import (_CALLS, _RULES, Interval, UnsupportedPrimitiveError, _where)
+from jaxrobust.bounds.ibp import (_CALLS, _RULES, Interval, UnsupportedPrimitiveError, _JaxprEnv,
+                                  _where)
 from jaxrobust.threat import ThreatModel
 
 # Primitives that are affine in their input-dependent operands (given the others are constants).
@@ -142,15 +142,8 @@ def _trace_tape(jaxpr, consts, args, tape: _Tape, on_activation, context=""):
     """Interprets ``jaxpr``: constants are evaluated, input-dependent equations recorded as nodes with
     their IBP intervals. ``on_activation(tape, ref)`` may tighten the interval of an activation's
     input before it is used (CROWN intermediate bounds)."""
-    env: Dict[Any, Any] = {}
-
-    def read(v):
-        return v.val if isinstance(v, jcore.Literal) else env[v]
-
-    for v, c in zip(jaxpr.constvars, consts):
-        env[v] = c
-    for v, a in zip(jaxpr.invars, args):
-        env[v] = a
+    env = _JaxprEnv(jaxpr, consts, args)
+    read = env.read
     for index, eqn in enumerate(jaxpr.eqns):
         ins = [read(v) for v in eqn.invars]
         name = eqn.primitive.name

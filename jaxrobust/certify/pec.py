@@ -12,7 +12,7 @@ With per-feature ε⃗ the distances are measured in the scaled norm ||Δ ⊘ ε
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -10,7 +10,7 @@ import dataclasses
 import gzip
 import os
 import struct
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 

@@ -14,7 +14,6 @@ add) with:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import time
