@@ -322,6 +322,20 @@ def _window_patches(x, params, pad_value):
     return jnp.stack(pieces)
 
 
+def maxpool_lines(iv: Interval, params, dtype):
+    """Linear relaxation of max pooling from its input intervals: ``onehot`` (n_window, *out) selects
+    the element with the largest lower bound. Lower line: that element. Upper line: that element
+    where it dominates (its lower bound >= every other upper bound: the max is exactly it,
+    ``dominant`` = 1), else the constant ``upper`` = the largest upper bound (0 where dominant)."""
+    lp = _window_patches(iv.lo, params, -jnp.inf)
+    up = _window_patches(iv.hi, params, -jnp.inf)
+    star = jnp.argmax(lp, axis=0)
+    onehot = (jnp.arange(lp.shape[0]).reshape((-1,) + (1,) * (lp.ndim - 1)) == star).astype(dtype)
+    u_others = jnp.max(jnp.where(onehot > 0, -jnp.inf, up), axis=0)
+    dominant = jnp.max(lp, axis=0) >= u_others
+    return onehot, dominant.astype(dtype), jnp.where(dominant, 0.0, jnp.max(up, axis=0)).astype(dtype)
+
+
 # ----------------------------------------------------------------------------- backward pass
 class _Options(NamedTuple):
     relu: str
@@ -457,18 +471,10 @@ def _backward(tape: _Tape, start_id: int, lam, opts: _Options, elide_to_ibp: boo
             bias = bias + jnp.sum((pos * bl + neg * bu).reshape(R, -1), axis=1)
         else:  # maxpool
             dep = node.ins[0]
-            iv = tape.iv[dep.id]
-            lp = _window_patches(iv.lo, node.params, -jnp.inf)
-            up = _window_patches(iv.hi, node.params, -jnp.inf)
-            star = jnp.argmax(lp, axis=0)
-            onehot = (jnp.arange(lp.shape[0]).reshape((-1,) + (1,) * (lp.ndim - 1)) == star).astype(lam.dtype)
-            l_star = jnp.max(lp, axis=0)
-            u_others = jnp.max(jnp.where(onehot > 0, -jnp.inf, up), axis=0)
-            dominant = (l_star >= u_others).astype(lam.dtype)
-            u_max = jnp.max(up, axis=0)
+            onehot, dominant, upper = maxpool_lines(tape.iv[dep.id], node.params, lam.dtype)
             pos, neg = _pos_neg(lam_out)
             lam_sel = pos + neg * dominant
-            bias = bias + jnp.sum((neg * (1 - dominant) * u_max).reshape(R, -1), axis=1)
+            bias = bias + jnp.sum((neg * upper).reshape(R, -1), axis=1)
             sel = lambda z: jnp.sum(onehot * _window_patches(z, node.params, 0.0), axis=0)
             _, vjp = jax.vjp(sel, jnp.zeros(tape.shape[dep.id], lam.dtype))
             g = jax.vmap(lambda r: vjp(r)[0])(lam_sel)
@@ -478,15 +484,19 @@ def _backward(tape: _Tape, start_id: int, lam, opts: _Options, elide_to_ibp: boo
     return lams, bias
 
 
-def _concretise(lam_x, bias, x, scale, lo, hi, eps, norm):
-    """min over x' = x + ε⃗ ⊙ v, ||v||_p <= ε, lo <= x' <= hi of <Λ, x'> + bias (exact). (R,)"""
-    R = lam_x.shape[0]
-    a = (lam_x * scale).reshape(R, -1)  # gradient w.r.t. v
+def min_linear(lam, bias, x, scale, lo, hi, eps, norm):
+    """min over x' = x + ε⃗ ⊙ v, ||v||_p <= ε, lo <= x' <= hi of <Λ, x'> + bias (exact), with the
+    features on the last axis of every argument (leading axes broadcast: rows, window positions)."""
     vlo, vhi = geometry.scaled_box(x, scale, lo, hi)
-    vlo, vhi = vlo.reshape(-1), vhi.reshape(-1)
-    w, c = geometry.descent_caps(a, vlo, vhi)
-    gain = geometry.max_capped_gain(w, c, eps, norm)
-    return jnp.sum(lam_x.reshape(R, -1) * x.reshape(-1), axis=1) + bias - gain
+    w, c = geometry.descent_caps(lam * scale, vlo, vhi)  # lam * scale: gradient w.r.t. v
+    return jnp.sum(lam * x, axis=-1) + bias - geometry.max_capped_gain(w, c, eps, norm)
+
+
+def _concretise(lam_x, bias, x, scale, lo, hi, eps, norm):
+    """:func:`min_linear` for rows Λ (R, *x.shape): (R,)"""
+    flat = lambda v: jnp.broadcast_to(v, x.shape).reshape(-1)
+    return min_linear(lam_x.reshape(lam_x.shape[0], -1), bias, flat(x), flat(scale), flat(lo), flat(hi),
+                      eps, norm)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -612,7 +622,7 @@ def bound_graph(fn: Callable, x1, threat: ThreatModel, *, method: str = "crown")
     return BoundGraph(tape.nodes, {k: (v.lo, v.hi) for k, v in tape.iv.items()}, tape.shape, x_ref, out)
 
 
-def _check_fn_output(closed, out_shape):
+def _check_fn_output(closed):
     if len(closed.out_avals) != 1:
         raise ValueError("fn must return a single array (the logits).")
 
@@ -638,12 +648,13 @@ def linear_spec_bounds(fn: Callable, x, threat: ThreatModel, spec, *, method: st
     return lb
 
 
-def _spec_bounds(fn, x, threat, spec, method, relu, sigmoid, intersect_ibp, patches):
-    """(LinearBounds, interval lower bound of spec · fn from the output intervals (B, R))."""
+def _spec_bounds(fn, x, threat, spec, method, relu, sigmoid, intersect_ibp, patches, traced=None):
+    """(LinearBounds, interval lower bound of spec · fn from the output intervals (B, R)).
+    ``traced``: fn's ``_single_example_fn`` when the caller already has it (fn is traced once)."""
     threat.validate_inputs(x)
     inter, relu_mode, sig_mode = _resolve(method, relu, sigmoid)
-    closed, out_shape = _single_example_fn(fn, x.shape[1:], x.dtype)
-    _check_fn_output(closed, out_shape)
+    closed, out_shape = traced or _single_example_fn(fn, x.shape[1:], x.dtype)
+    _check_fn_output(closed)
     spec = jnp.asarray(spec, x.dtype)
     if spec.ndim < len(out_shape) + 1 or tuple(spec.shape[spec.ndim - len(out_shape):]) != out_shape:
         raise ValueError(f"spec has shape {spec.shape}; its trailing axes must be fn's output shape "
@@ -676,7 +687,7 @@ def crown_bounds(fn: Callable, x, threat: ThreatModel, *, method: str = "crown",
     n = int(np.prod(out_shape))
     eye = jnp.eye(n, dtype=x.dtype).reshape((n,) + out_shape)
     b, interval_lower = _spec_bounds(fn, x, threat, jnp.concatenate([eye, -eye]), method, relu, sigmoid,
-                                     intersect_ibp, patches)
+                                     intersect_ibp, patches, traced=(closed, out_shape))
     lower = jnp.maximum(b.lower, interval_lower) if intersect_ibp else b.lower
     B = x.shape[0]
     return lower[:, :n].reshape((B,) + out_shape), -lower[:, n:].reshape((B,) + out_shape)
@@ -700,8 +711,8 @@ def margin_bounds(fn: Callable, x, y, threat: ThreatModel, *, method: str = "cro
     closed, out_shape = _single_example_fn(fn, x.shape[1:], x.dtype)
     if len(out_shape) != 1:
         raise ValueError(f"margin_bounds needs fn to return logits (B, K); got per-example shape {out_shape}.")
-    b = linear_spec_bounds(fn, x, threat, margin_spec(y, out_shape[0], x.dtype), method=method,
-                           relu=relu, sigmoid=sigmoid, intersect_ibp=intersect_ibp, patches=patches)
+    b, _ = _spec_bounds(fn, x, threat, margin_spec(y, out_shape[0], x.dtype), method, relu, sigmoid,
+                        intersect_ibp, patches, traced=(closed, out_shape))
     is_y = jax.nn.one_hot(y, out_shape[0], dtype=bool)
     return MarginBounds(jnp.where(is_y, 0.0, b.lower), b.U, jnp.where(is_y, 0.0, b.p))
 

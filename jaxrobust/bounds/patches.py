@@ -33,8 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrobust.bounds import geometry
-from jaxrobust.bounds.linear import (_Ref, _activation_lines, _pos_neg, _window_patches,
+from jaxrobust.bounds.linear import (_Ref, _activation_lines, _pos_neg, maxpool_lines, min_linear,
                                      node_function, strided_conv_transpose)
 
 _ELEMENTWISE = {"add", "add_any", "sub", "neg", "mul", "div", "convert_element_type", "copy",
@@ -195,6 +194,15 @@ def _embed(lam, w: Window, target: Window):
     return jax.lax.pad(lam, jnp.zeros((), lam.dtype), pads)
 
 
+def _pool_offsets(params):
+    """(spatial offsets of a pooling window's elements, in the order of ``_window_patches``; the
+    pooling's spatial strides)."""
+    dims = params["window_dimensions"]
+    wdil = params.get("window_dilation", (1,) * 4)
+    offsets = [(a * wdil[1], b * wdil[2]) for a in range(dims[1]) for b in range(dims[2])]
+    return offsets, (params["window_strides"][1], params["window_strides"][2])
+
+
 def _scatter_offsets(vals, offsets, stride, k_out, k_in):
     """Σ_off of ``vals[off]`` (.., Kh, Kw, C) placed with the given stride at ``off`` inside an
     input window of size k_in: the pull-back of a strided window selection."""
@@ -244,10 +252,7 @@ def _pull_spatial(node, lam, w_out: Window, w_in: Window, tape, grid, dep_id):
                 _, vjp = jax.vjp(crop_conv, z0)
                 g = vjp(flat.astype(z0.dtype))[0]
         return g.reshape((hs, ws, r) + g.shape[1:])
-    dims = node.params["window_dimensions"]
-    wdil = node.params.get("window_dilation", (1,) * 4)
-    s = (node.params["window_strides"][1], node.params["window_strides"][2])
-    offsets = [(a * wdil[1], b * wdil[2]) for a in range(dims[1]) for b in range(dims[2])]
+    offsets, s = _pool_offsets(node.params)
     return _scatter_offsets([lam] * len(offsets), offsets, s, w_out.size, w_in.size)
 
 
@@ -290,23 +295,12 @@ def backward_local(tape, start_id: int, x_id: int, plan: Plan, opts):
             add(deps[0].id, pos * ex(al) + neg * ex(au), w_in)
         elif node.kind == "maxpool":
             dep = node.ins[0]
-            iv = tape.iv[dep.id]
-            lp = _window_patches(iv.lo, node.params, -jnp.inf)
-            up = _window_patches(iv.hi, node.params, -jnp.inf)
-            star = jnp.argmax(lp, axis=0)
-            onehot = (jnp.arange(lp.shape[0]).reshape((-1,) + (1,) * (lp.ndim - 1)) == star).astype(dtype)
-            l_star = jnp.max(lp, axis=0)
-            u_others = jnp.max(jnp.where(onehot > 0, -jnp.inf, up), axis=0)
-            dominant = (l_star >= u_others).astype(dtype)
-            u_max = jnp.max(up, axis=0)
+            onehot, dominant, upper = maxpool_lines(tape.iv[dep.id], node.params, dtype)
             pos, neg = _pos_neg(lam)
-            bias = bias + fold(neg * extract(jnp.where(dominant > 0, 0.0, u_max), w_out, grid))
+            bias = bias + fold(neg * extract(upper, w_out, grid))
             lam_sel = pos + neg * extract(dominant, w_out, grid)
-            dims = node.params["window_dimensions"]
-            wdil = node.params.get("window_dilation", (1,) * 4)
-            offsets = [(a * wdil[1], b * wdil[2]) for a in range(dims[1]) for b in range(dims[2])]
+            offsets, s = _pool_offsets(node.params)
             vals = [lam_sel * extract(onehot[k], w_out, grid) for k in range(len(offsets))]
-            s = (node.params["window_strides"][1], node.params["window_strides"][2])
             g = _scatter_offsets(vals, offsets, s, w_out.size, w_in.size)
             add(dep.id, g * _mask(w_in, grid, _hwc(tape.shape[dep.id])[:2]).astype(dtype), w_in)
         elif name in ("conv_general_dilated", "reduce_window_sum"):
@@ -344,11 +338,7 @@ def concretise_local(lam_x, bias, w: Window, x, scale, lo, hi, eps, norm):
     xp, sp = flat(extract(x, w, grid)), flat(extract(scale, w, grid))
     lop = flat(extract(jnp.broadcast_to(lo, x.shape), w, grid))
     hip = flat(extract(jnp.broadcast_to(hi, x.shape), w, grid))
-    lam = flat(lam_x)
-    vlo, vhi = geometry.scaled_box(xp, sp, lop, hip)
-    wgt, cap = geometry.descent_caps(lam * sp, vlo, vhi)
-    gain = geometry.max_capped_gain(wgt, cap, eps, norm)
-    return jnp.sum(lam * xp, axis=-1) + bias - gain
+    return min_linear(flat(lam_x), bias, xp, sp, lop, hip, eps, norm)
 
 
 def intermediate_bounds(tape, start_id: int, x_id: int, plan: Plan, opts, x, scale, lo, hi, eps, norm):
