@@ -53,12 +53,25 @@ def build_model(config, info):
     return jmodels.create_model(config.model.name, info.num_classes, **kwargs)
 
 
-def build_threat(config, info=None) -> ThreatModel:
+def build_threat(config, info=None, *, norm=None, eps=None) -> ThreatModel:
+    """The one constructor of a run's threat model (training, evaluation, certification).
+
+    ``config`` is the *training* config (``config.threat``: norm, eps, box). When ``config.threat.box``
+    is set, the box is the dataset's ``pixel_range`` (``info.pixel_range``, or ``config.data.pixel_range``
+    when ``info`` is None): a run trained on [-1, 1] pixels is attacked and certified in [-1, 1].
+    ``norm``/``eps`` override the training values (evaluation at other budgets); ``eps=None`` means the
+    training ε, a negative ε is an error.
+    """
     t = config.threat
-    box = tuple(t.box) if t.get("box") is not None else None
-    if box is not None and info is not None and tuple(info.pixel_range) != (0.0, 1.0):
-        box = tuple(info.pixel_range)
-    return ThreatModel(norm=t.norm, eps=float(t.eps), box=box)
+    if eps is not None and float(eps) < 0:
+        raise ValueError(f"eps must be >= 0 (None = the training run's eps {t.eps}), got {eps}.")
+    box = None
+    if t.get("box") is not None:
+        if info is not None:
+            box = tuple(float(v) for v in info.pixel_range)
+        else:
+            box = tuple(float(v) for v in config.data.get("pixel_range", t.box))
+    return ThreatModel(norm=norm or t.norm, eps=float(t.eps if eps is None else eps), box=box)
 
 
 def make_mesh():
