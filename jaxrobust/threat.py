@@ -128,16 +128,36 @@ class ThreatModel:
             return jnp.full_like(x, -jnp.inf), jnp.full_like(x, jnp.inf)
         return jnp.full_like(x, self.box[0]), jnp.full_like(x, self.box[1])
 
-    def validate_inputs(self, x, y=None) -> None:
-        """Raises a clear error on NaN/inf inputs, points outside the box or bad shapes.
+    def validate_inputs(self, x, y=None, num_classes: Optional[int] = None) -> None:
+        """Raises a clear error on NaN/inf inputs, points outside the box, bad shapes or
+        out-of-range labels.
 
-        A no-op under jit tracing (values unknown); call it at API boundaries.
+        Args:
+          x: a batch ``(B, *features)`` of floating-point inputs inside the box.
+          y: optional integer labels of shape ``(B,)``.
+          num_classes: if given, labels must lie in ``[0, num_classes)``; negative labels
+            are rejected even without it.
+
+        A no-op under jit tracing (values unknown); call it at API boundaries. Under jit,
+        use the checkify-based variants of :mod:`jaxrobust.checks` instead.
         """
+        if num_classes is not None:
+            if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) \
+                    or num_classes < 1:
+                raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
         if isinstance(x, jax.core.Tracer):
             return
         x = np.asarray(x)
+        y_arr = None
+        if y is not None and not isinstance(y, jax.core.Tracer):
+            y_arr = np.asarray(y)
+            if y_arr.ndim == 0:
+                raise ValueError(f"Got a single label y={y_arr.item()!r} for x of shape {x.shape}: "
+                                 f"a batch axis is expected: pass x[None] / shape (B, ...) "
+                                 f"and y of shape (B,).")
         if x.ndim < 2:
-            raise ValueError(f"x must be a batch of shape (B, *features), got shape {x.shape}.")
+            raise ValueError(f"x must be a batch of shape (B, *features), got shape {x.shape}: "
+                             "a batch axis is expected: pass x[None] / shape (B, ...).")
         if not np.issubdtype(x.dtype, np.floating):
             raise TypeError(f"x must be floating point, got dtype {x.dtype}.")
         if not np.all(np.isfinite(x)):
@@ -156,11 +176,19 @@ class ThreatModel:
             if pf.shape != x.shape[1:] and pf.shape != x.shape:
                 raise ValueError(f"per_feature_eps has shape {pf.shape}; expected {x.shape[1:]} "
                                  f"(one input) or {x.shape} (per example).")
-        if y is not None and not isinstance(y, jax.core.Tracer):
-            y = np.asarray(y)
-            if y.shape != (x.shape[0],) or not np.issubdtype(y.dtype, np.integer):
-                raise ValueError(f"y must be integer labels of shape ({x.shape[0]},), "
-                                 f"got {y.dtype} {y.shape}.")
+        if y_arr is not None:
+            if not np.issubdtype(y_arr.dtype, np.integer):
+                raise TypeError(f"y must be integer labels of shape ({x.shape[0]},), "
+                                f"got dtype {y_arr.dtype}.")
+            if y_arr.shape != (x.shape[0],):
+                raise ValueError(f"y must be integer labels of shape ({x.shape[0]},) (one per example "
+                                 f"of x {x.shape}), got shape {y_arr.shape}.")
+            if y_arr.size and y_arr.min() < 0:
+                raise ValueError(f"y contains negative labels (min {y_arr.min()}); labels must be "
+                                 f"class indices in [0, num_classes).")
+            if num_classes is not None and y_arr.size and y_arr.max() >= num_classes:
+                raise ValueError(f"y contains label {y_arr.max()} out of range for {num_classes} "
+                                 f"classes: labels must lie in [0, {num_classes}).")
 
     # ------------------------------------------------------------ geometry
     def perturbation_norm(self, delta: Array) -> Array:

@@ -138,6 +138,33 @@ def test_validate_inputs_errors():
         ThreatModel(norm="l2", eps=0.1, box=(1.0, 0.0))
 
 
+def test_validate_inputs_labels_in_range():
+    tm = ThreatModel(norm="linf", eps=0.1)
+    x = np.zeros((3, 4), np.float32)
+    tm.validate_inputs(x, np.array([0, 9, 5]), num_classes=10)  # fine
+    with pytest.raises(ValueError, match=r"label 10 out of range for 10 classes"):
+        tm.validate_inputs(x, np.array([0, 10, 5]), num_classes=10)
+    with pytest.raises(ValueError, match="negative labels"):
+        tm.validate_inputs(x, np.array([0, -1, 5]), num_classes=10)
+    with pytest.raises(ValueError, match="negative labels"):  # even without num_classes
+        tm.validate_inputs(x, np.array([0, -1, 5]))
+    with pytest.raises(TypeError, match="integer labels"):
+        tm.validate_inputs(x, np.array([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match="num_classes"):
+        tm.validate_inputs(x, np.array([0, 1, 2]), num_classes=0)
+
+
+@pytest.mark.parametrize("y", [3, np.int32(3), np.array(3), jnp.array(3)])
+def test_validate_inputs_unbatched_says_batch_axis(y):
+    tm = ThreatModel(norm="linf", eps=0.1)
+    one_image = np.zeros((28, 28, 1), np.float32)
+    with pytest.raises(ValueError, match=r"a batch axis is expected: pass x\[None\]"):
+        tm.validate_inputs(one_image, y, num_classes=10)
+    with pytest.raises(ValueError, match=r"a batch axis is expected"):
+        tm.validate_inputs(np.zeros((5,), np.float32))
+    tm.validate_inputs(one_image[None], np.asarray(y).reshape(1), num_classes=10)  # the fix works
+
+
 def test_threat_is_a_jittable_pytree():
     tm = ThreatModel(norm="l2", eps=jnp.array([0.5, 1.0]), box=None)
     f = jax.jit(lambda t, a, b: t.project(a, b))
