@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrobust.attacks import losses
-from jaxrobust.attacks.common import _bcast, steepest_ascent_step
+from jaxrobust.attacks.common import _bcast, check_attack_inputs, steepest_ascent_step
 from jaxrobust.threat import ThreatModel
 
 
@@ -53,7 +53,8 @@ def apgd(logits_fn, x, y, key, threat: ThreatModel, *, n_iter: int = 100, n_rest
         raise ValueError("targeted APGD needs y_target.")
     if n_iter < 1 or n_restarts < 1:
         raise ValueError(f"n_iter and n_restarts must be >= 1, got {n_iter}, {n_restarts}.")
-    threat.validate_inputs(x, y)
+    check_attack_inputs(logits_fn, x, y, threat, y_target=y_target if targeted else None,
+                        name="apgd")
     loss_fn = losses.get_loss(loss, targeted)
     is_check_np, k_at_np = checkpoint_schedule(n_iter)
     is_check, k_at = jnp.asarray(is_check_np), jnp.asarray(k_at_np)
@@ -144,8 +145,15 @@ def top_k_targets(logits, k: int):
 def apgd_targeted(logits_fn, x, y, key, threat: ThreatModel, *, n_iter: int = 100,
                   n_target_classes: int = 9, loss: str = "dlr", n_restarts: int = 1):
     """APGD-T: targeted APGD-DLR against each of the top ``n_target_classes`` other classes
-    (AutoAttack standard: 9 targets, 1 restart each); the first success per example is kept."""
-    k = min(n_target_classes, logits_fn(x[:1]).shape[-1] - 1)
+    (AutoAttack standard: 9 targets, 1 restart each); the first success per example is kept.
+
+    Args: x (B, ...) clean inputs; y (B,) int labels in [0, K); targets are the top
+    ``min(n_target_classes, K - 1)`` other classes by clean logit."""
+    if n_target_classes < 1 or n_iter < 1 or n_restarts < 1:
+        raise ValueError(f"n_target_classes, n_iter and n_restarts must be >= 1, got "
+                         f"{n_target_classes}, {n_iter}, {n_restarts}.")
+    num_classes = check_attack_inputs(logits_fn, x, y, threat, name="apgd_targeted")
+    k = min(n_target_classes, num_classes - 1)
     targets = top_k_targets(logits_fn(x), k)
     robust0 = jnp.argmax(logits_fn(x), -1) == y
 

@@ -1,8 +1,10 @@
 """Shared attack pieces: steepest-ascent steps per norm and keep-best bookkeeping."""
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxrobust.threat import ThreatModel, lp_norm
 
@@ -47,3 +49,49 @@ def update_best(best_x, best_val, x, val):
     """Keeps, per example, the point with the larger objective value."""
     better = val > best_val
     return jnp.where(_bcast(better, x), x, best_x), jnp.where(better, val, best_val)
+
+
+def check_attack_inputs(logits_fn, x, y, threat: ThreatModel, *, y_target=None,
+                        name: str = "attack") -> int:
+    """Validates the arguments of a public attack entry point and returns the number of classes.
+
+    Shape checks (chex, static: they also run while tracing under jit, at no runtime cost):
+    ``x`` is a batch ``(B, *features)``, ``y`` (and ``y_target``) integer labels ``(B,)``, and
+    ``logits_fn(x)`` has shape ``(B, K)`` (found with ``jax.eval_shape``: abstract, nothing is
+    compiled or run). Value checks (eager only, skipped for traced arrays): finite inputs inside
+    the box and labels in ``[0, K)`` via :meth:`ThreatModel.validate_inputs`. For value checks
+    inside jit use :mod:`jaxrobust.checks`.
+    """
+    if not isinstance(threat, ThreatModel):
+        raise TypeError(f"{name}: threat must be a jaxrobust.threat.ThreatModel, got {type(threat).__name__}.")
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name}: x must be an array of shape (B, *features), got {type(x).__name__}.")
+    if x.ndim < 2 or jnp.ndim(y) == 0:
+        raise ValueError(f"{name}: got x of shape {tuple(x.shape)} and labels of shape "
+                         f"{tuple(jnp.shape(y))}: a batch axis is expected: pass x[None] / shape (B, ...) "
+                         f"and y of shape (B,).")
+    b = x.shape[0]
+    for lab_name, lab in (("y", y), ("y_target", y_target)):
+        if lab is None:
+            continue
+        chex.assert_shape(lab, (b,), exception_type=ValueError,
+                          custom_message=f"{name}: {lab_name} must be integer labels of shape ({b},) "
+                                         f"for x of shape {tuple(x.shape)}")
+        chex.assert_type(lab, int, exception_type=TypeError,
+                         custom_message=f"{name}: {lab_name} must be integer labels")
+    out = jax.eval_shape(logits_fn, x)
+    chex.assert_rank(out, 2, exception_type=ValueError,
+                     custom_message=f"{name}: logits_fn(x) must return logits of shape (B, K)")
+    chex.assert_shape(out, (b, None), exception_type=ValueError,
+                      custom_message=f"{name}: logits_fn(x) must return one row of logits per example")
+    num_classes = int(out.shape[1])
+    if num_classes < 2:
+        raise ValueError(f"{name}: logits_fn(x) returns {num_classes} logit per example; "
+                         "attacks need K >= 2 classes.")
+    threat.validate_inputs(x, y, num_classes=num_classes)
+    if y_target is not None and not isinstance(y_target, jax.core.Tracer):
+        yt = np.asarray(y_target)
+        if yt.size and (yt.min() < 0 or yt.max() >= num_classes):
+            raise ValueError(f"{name}: y_target contains labels outside [0, {num_classes}): "
+                             f"range [{yt.min()}, {yt.max()}].")
+    return num_classes

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrobust.attacks.apgd import top_k_targets
-from jaxrobust.attacks.common import _bcast
+from jaxrobust.attacks.common import _bcast, check_attack_inputs
 from jaxrobust.threat import ThreatModel, lp_norm
 
 
@@ -79,12 +79,14 @@ def fab(logits_fn, x, y, key, threat: ThreatModel, *, n_iter: int = 100, n_resta
     """
     if threat.per_feature_eps is not None:
         raise ValueError("FAB measures plain l_p distances: per-feature eps is not supported.")
-    threat.validate_inputs(x, y)
+    if n_iter < 1 or n_restarts < 1 or (targeted and n_target_classes < 1):
+        raise ValueError(f"n_iter, n_restarts and n_target_classes must be >= 1, got "
+                         f"{n_iter}, {n_restarts}, {n_target_classes}.")
+    k_classes = check_attack_inputs(logits_fn, x, y, threat, name="fab")
     b = x.shape[0]
     shape = x.shape
     flat = lambda a: a.reshape(b, -1)
     lo_box, hi_box = threat.box_arrays(x)
-    k_classes = logits_fn(x[:1]).shape[-1]
     eps = threat.eps_for(x)
 
     def run(target, k):

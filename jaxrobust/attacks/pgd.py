@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrobust.attacks import losses
-from jaxrobust.attacks.common import steepest_ascent_step, update_best
+from jaxrobust.attacks.common import check_attack_inputs, steepest_ascent_step, update_best
 from jaxrobust.threat import ThreatModel
 
 STEP_SCHEDULES = ("constant", "cosine", "step")
@@ -54,7 +54,7 @@ def pgd(logits_fn, x, y, key, threat: ThreatModel, *, steps: int = 10, step_size
         raise ValueError(f"steps must be >= 0 and restarts >= 1, got {steps}, {restarts}.")
     if targeted and y_target is None:
         raise ValueError("targeted PGD needs y_target.")
-    threat.validate_inputs(x, y)
+    check_attack_inputs(logits_fn, x, y, threat, y_target=y_target if targeted else None, name="pgd")
     loss_fn = losses.get_loss(loss, targeted)
     eps = threat.eps_for(x)
     alpha = 2.5 * eps / max(steps, 1) if step_size is None else jnp.broadcast_to(
@@ -100,8 +100,10 @@ def pgd(logits_fn, x, y, key, threat: ThreatModel, *, steps: int = 10, step_size
 def fgsm(logits_fn, x, y, key, threat: ThreatModel, *, step_size=None, random_start: bool = False,
          loss: str = "ce"):
     """FGSM (Goodfellow et al. 2015) and its l_p generalisation; with ``random_start`` it is
-    FGSM-RS (Wong et al. 2020, default step 1.25 ε). One gradient step, then projection."""
-    threat.validate_inputs(x, y)
+    FGSM-RS (Wong et al. 2020, default step 1.25 ε). One gradient step, then projection.
+
+    Args: x (B, ...) clean inputs inside the box; y (B,) int labels in [0, K)."""
+    check_attack_inputs(logits_fn, x, y, threat, name="fgsm")
     loss_fn = losses.get_loss(loss)
     eps = threat.eps_for(x)
     if step_size is None:
@@ -112,10 +114,19 @@ def fgsm(logits_fn, x, y, key, threat: ThreatModel, *, step_size=None, random_st
     return threat.project(x, steepest_ascent_step(g, x_start, x, threat, alpha))
 
 
-def multi_targeted_pgd(logits_fn, x, y, key, threat: ThreatModel, *, num_classes: int,
+def multi_targeted_pgd(logits_fn, x, y, key, threat: ThreatModel, *, num_classes=None,
                        steps: int = 10, step_size=None, loss: str = "cw", random_start: bool = True):
     """Multi-targeted PGD (Gowal et al. 2019): one targeted run per class t != y (all K-1 targets);
-    the strongest per example (by CW margin) is kept."""
+    the strongest per example (by CW margin) is kept.
+
+    Args: x (B, ...) clean inputs; y (B,) int labels; num_classes: K (default: read from the
+    shape of ``logits_fn(x)``; if given it must match it)."""
+    k_found = check_attack_inputs(logits_fn, x, y, threat, name="multi_targeted_pgd")
+    if num_classes is None:
+        num_classes = k_found
+    elif num_classes != k_found:
+        raise ValueError(f"multi_targeted_pgd: num_classes={num_classes!r} but logits_fn(x) returns "
+                         f"{k_found} logits per example.")
     keys = jax.random.split(key, num_classes - 1)
     best_x, best_s = x, -losses.margin(logits_fn(x), y)
     for j in range(1, num_classes):
