@@ -6,6 +6,8 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.distributed = False  # multi-host: jax.distributed.initialize() (see BUILD.md)
+    c.imports = ()  # modules to import first (e.g. ones registering objectives): --config.imports=my_pkg.my_objectives
+    c.allow_config_changes = False  # resume a workdir although non-resumable keys changed (jaxrobust/train/workdir.py)
 
     c.data = ml_collections.ConfigDict()
     c.data.name = "mnist5k"
