@@ -68,6 +68,96 @@ def project_hyperplane(x, w, c, lo, hi, norm: str, iters: int = 50):
     return jnp.clip(d * jnp.minimum(scale, 1.0 + 1e-3)[:, None], lo, hi)
 
 
+def fab_run(logits_fn, x, y, threat: ThreatModel, target, key, *, n_iter: int, n_restarts: int,
+            num_classes: int, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9):
+    """One FAB run against ``target`` (B,) (untargeted when target is None), from x itself (or, with
+    ``n_restarts > 1``, from a random point at half the budget drawn with ``key``).
+
+    Returns the smallest adversarial point found (x where none) and its l_p norm ((B,), inf where
+    none). :func:`fab` combines runs over targets and restarts; :func:`fab_select` finishes.
+    """
+    b = x.shape[0]
+    shape = x.shape
+    flat = lambda a: a.reshape(b, -1)
+    lo_box, hi_box = threat.box_arrays(x)
+    eps = threat.eps_for(x)
+    k_classes = num_classes
+    k = key
+    if threat.norm == "linf":
+        t = jax.random.uniform(k, shape, x.dtype, -1.0, 1.0)
+        t = t / jnp.maximum(_bcast(jnp.max(jnp.abs(flat(t)), 1), x), 1e-12)
+    else:
+        t = jax.random.normal(k, shape, x.dtype)
+        t = t / jnp.maximum(_bcast(lp_norm(t, threat.norm), x), 1e-12)
+    x1 = jnp.clip(x + 0.5 * _bcast(eps, x) * t, lo_box, hi_box) if n_restarts > 1 else x
+    best = x
+    best_norm = jnp.full((b,), jnp.inf, x.dtype)
+
+    def diff_and_grad(z):
+        """g = z_t - z_y and its input gradient; untargeted: the class t with the closest
+        linearised boundary (|g_t| / ||∇g_t||_q minimal, q the dual norm)."""
+        lg, vjp = jax.vjp(logits_fn, z)
+        if target is not None:
+            df = (jnp.take_along_axis(lg, target[:, None], 1) -
+                  jnp.take_along_axis(lg, y[:, None], 1))[:, 0]
+            cot = jax.nn.one_hot(target, k_classes) - jax.nn.one_hot(y, k_classes)
+            return df, vjp(cot.astype(lg.dtype))[0]
+        eye = jnp.eye(k_classes, dtype=lg.dtype)
+        jac = jax.vmap(lambda e: vjp(jnp.broadcast_to(e, lg.shape))[0])(eye)  # (K, B, ...)
+        jac = jnp.moveaxis(jac, 0, 1).reshape(b, k_classes, -1)
+        df = lg - jnp.take_along_axis(lg, y[:, None], 1)  # (B, K)
+        dg = jac - jnp.take_along_axis(jac, y[:, None, None], 1)
+        if threat.norm == "linf":
+            gn = jnp.sum(jnp.abs(dg), -1)
+        elif threat.norm == "l2":
+            gn = jnp.sqrt(jnp.sum(dg * dg, -1))
+        else:
+            gn = jnp.max(jnp.abs(dg), -1)
+        dist = jnp.abs(df) / (gn + 1e-12)
+        dist = jnp.where(jax.nn.one_hot(y, k_classes, dtype=bool), jnp.inf, dist)
+        j = jnp.argmin(dist, axis=1)
+        return (jnp.take_along_axis(df, j[:, None], 1)[:, 0],
+                jnp.take_along_axis(dg, j[:, None, None], 1)[:, 0].reshape(shape))
+
+    def fooled(z):
+        pred = jnp.argmax(logits_fn(z), -1)
+        return pred == target if target is not None else pred != y
+
+    def body(i, carry):
+        x1, best, best_norm = carry
+        df, dg = diff_and_grad(x1)
+        w = flat(dg)
+        # hyperplane g(x1) + w·(z - x1) = 0, i.e. w·d = -g for z = p + d with p = x1 or x0
+        c1 = -df
+        c0 = -(df + jnp.sum(w * (flat(x) - flat(x1)), axis=1))
+        d1 = project_hyperplane(flat(x1), w, c1, flat(lo_box - x1), flat(hi_box - x1), threat.norm)
+        d0 = project_hyperplane(flat(x), w, c0, flat(lo_box - x), flat(hi_box - x), threat.norm)
+        a1 = jnp.maximum(lp_norm(d1, threat.norm), 1e-8)
+        a0 = jnp.maximum(lp_norm(d0, threat.norm), 1e-8)
+        alpha = jnp.clip(a1 / (a1 + a0), 0.0, alpha_max)[:, None]
+        xn = (flat(x1) + eta * d1) * (1 - alpha) + (flat(x) + eta * d0) * alpha
+        xn = jnp.clip(xn.reshape(shape), lo_box, hi_box)
+        adv = fooled(xn)
+        nrm = lp_norm(xn - x, threat.norm)
+        better = adv & (nrm < best_norm)
+        best = jnp.where(_bcast(better, x), xn, best)
+        best_norm = jnp.where(better, nrm, best_norm)
+        xn = jnp.where(_bcast(adv, x), x + (xn - x) * beta, xn)
+        return xn, best, best_norm
+
+    _, best, best_norm = jax.lax.fori_loop(0, n_iter, body, (x1, best, best_norm))
+    return best, best_norm
+
+
+def fab_select(x, threat: ThreatModel, best, best_norm, clean_wrong):
+    """FAB's output: the best point (projected onto the threat set) where its norm is within ε,
+    else x; norms are 0 for clean-misclassified points. Returns (x_adv, norms)."""
+    best_norm = jnp.where(clean_wrong, 0.0, best_norm)
+    within = best_norm <= threat.eps_for(x) * (1 + 1e-5)
+    x_adv = jnp.where(_bcast(within & ~clean_wrong, x), threat.project(x, best), x)
+    return x_adv, best_norm
+
+
 def fab(logits_fn, x, y, key, threat: ThreatModel, *, n_iter: int = 100, n_restarts: int = 1,
         targeted: bool = True, n_target_classes: int = 9, alpha_max: float = 0.1,
         eta: float = 1.05, beta: float = 0.9, return_norms: bool = False):
@@ -84,77 +174,10 @@ def fab(logits_fn, x, y, key, threat: ThreatModel, *, n_iter: int = 100, n_resta
                          f"{n_iter}, {n_restarts}, {n_target_classes}.")
     k_classes = check_attack_inputs(logits_fn, x, y, threat, name="fab")
     b = x.shape[0]
-    shape = x.shape
-    flat = lambda a: a.reshape(b, -1)
-    lo_box, hi_box = threat.box_arrays(x)
-    eps = threat.eps_for(x)
 
     def run(target, k):
-        """One FAB run against ``target`` (B,) (or untargeted when target is None)."""
-        if threat.norm == "linf":
-            t = jax.random.uniform(k, shape, x.dtype, -1.0, 1.0)
-            t = t / jnp.maximum(_bcast(jnp.max(jnp.abs(flat(t)), 1), x), 1e-12)
-        else:
-            t = jax.random.normal(k, shape, x.dtype)
-            t = t / jnp.maximum(_bcast(lp_norm(t, threat.norm), x), 1e-12)
-        x1 = jnp.clip(x + 0.5 * _bcast(eps, x) * t, lo_box, hi_box) if n_restarts > 1 else x
-        best = x
-        best_norm = jnp.full((b,), jnp.inf, x.dtype)
-
-        def diff_and_grad(z):
-            """g = z_t - z_y and its input gradient; untargeted: the class t with the closest
-            linearised boundary (|g_t| / ||∇g_t||_q minimal, q the dual norm)."""
-            lg, vjp = jax.vjp(logits_fn, z)
-            if target is not None:
-                df = (jnp.take_along_axis(lg, target[:, None], 1) -
-                      jnp.take_along_axis(lg, y[:, None], 1))[:, 0]
-                cot = jax.nn.one_hot(target, k_classes) - jax.nn.one_hot(y, k_classes)
-                return df, vjp(cot.astype(lg.dtype))[0]
-            eye = jnp.eye(k_classes, dtype=lg.dtype)
-            jac = jax.vmap(lambda e: vjp(jnp.broadcast_to(e, lg.shape))[0])(eye)  # (K, B, ...)
-            jac = jnp.moveaxis(jac, 0, 1).reshape(b, k_classes, -1)
-            df = lg - jnp.take_along_axis(lg, y[:, None], 1)  # (B, K)
-            dg = jac - jnp.take_along_axis(jac, y[:, None, None], 1)
-            if threat.norm == "linf":
-                gn = jnp.sum(jnp.abs(dg), -1)
-            elif threat.norm == "l2":
-                gn = jnp.sqrt(jnp.sum(dg * dg, -1))
-            else:
-                gn = jnp.max(jnp.abs(dg), -1)
-            dist = jnp.abs(df) / (gn + 1e-12)
-            dist = jnp.where(jax.nn.one_hot(y, k_classes, dtype=bool), jnp.inf, dist)
-            j = jnp.argmin(dist, axis=1)
-            return (jnp.take_along_axis(df, j[:, None], 1)[:, 0],
-                    jnp.take_along_axis(dg, j[:, None, None], 1)[:, 0].reshape(shape))
-
-        def fooled(z):
-            pred = jnp.argmax(logits_fn(z), -1)
-            return pred == target if target is not None else pred != y
-
-        def body(i, carry):
-            x1, best, best_norm = carry
-            df, dg = diff_and_grad(x1)
-            w = flat(dg)
-            # hyperplane g(x1) + w·(z - x1) = 0, i.e. w·d = -g for z = p + d with p = x1 or x0
-            c1 = -df
-            c0 = -(df + jnp.sum(w * (flat(x) - flat(x1)), axis=1))
-            d1 = project_hyperplane(flat(x1), w, c1, flat(lo_box - x1), flat(hi_box - x1), threat.norm)
-            d0 = project_hyperplane(flat(x), w, c0, flat(lo_box - x), flat(hi_box - x), threat.norm)
-            a1 = jnp.maximum(lp_norm(d1, threat.norm), 1e-8)
-            a0 = jnp.maximum(lp_norm(d0, threat.norm), 1e-8)
-            alpha = jnp.clip(a1 / (a1 + a0), 0.0, alpha_max)[:, None]
-            xn = (flat(x1) + eta * d1) * (1 - alpha) + (flat(x) + eta * d0) * alpha
-            xn = jnp.clip(xn.reshape(shape), lo_box, hi_box)
-            adv = fooled(xn)
-            nrm = lp_norm(xn - x, threat.norm)
-            better = adv & (nrm < best_norm)
-            best = jnp.where(_bcast(better, x), xn, best)
-            best_norm = jnp.where(better, nrm, best_norm)
-            xn = jnp.where(_bcast(adv, x), x + (xn - x) * beta, xn)
-            return xn, best, best_norm
-
-        _, best, best_norm = jax.lax.fori_loop(0, n_iter, body, (x1, best, best_norm))
-        return best, best_norm
+        return fab_run(logits_fn, x, y, threat, target, k, n_iter=n_iter, n_restarts=n_restarts,
+                       num_classes=k_classes, alpha_max=alpha_max, eta=eta, beta=beta)
 
     keys = jax.random.split(key, n_restarts * max(n_target_classes, 1))
     best, best_norm = x, jnp.full((b,), jnp.inf, x.dtype)
@@ -168,9 +191,7 @@ def fab(logits_fn, x, y, key, threat: ThreatModel, *, n_iter: int = 100, n_resta
             better = bn < best_norm
             best = jnp.where(_bcast(better, x), bx, best)
             best_norm = jnp.where(better, bn, best_norm)
-    best_norm = jnp.where(clean_wrong, 0.0, best_norm)
-    within = best_norm <= eps * (1 + 1e-5)
-    x_adv = jnp.where(_bcast(within & ~clean_wrong, x), threat.project(x, best), x)
+    x_adv, best_norm = fab_select(x, threat, best, best_norm, clean_wrong)
     if return_norms:
         return x_adv, best_norm
     return x_adv
