@@ -108,9 +108,6 @@ class ThreatModel:
     def dual(self) -> str:
         return dual_norm_name(self.norm)
 
-    def replace_eps(self, eps) -> "ThreatModel":
-        return self.replace(eps=eps)
-
     def eps_for(self, x: Array) -> Array:
         """The scalar budget of each example, shape ``(B,)``."""
         eps = jnp.asarray(self.eps, dtype=x.dtype)
@@ -300,8 +297,3 @@ class ThreatModel:
             u = g * rad.reshape((-1,) + (1,) * (x0.ndim - 1))
         return self.project(x0, x0 + u * scale)
 
-
-def threat_from_config(cfg) -> ThreatModel:
-    """Builds a ThreatModel from an ml_collections config with fields norm, eps, [box]."""
-    box = tuple(cfg.box) if "box" in cfg and cfg.box is not None else (0.0, 1.0)
-    return ThreatModel(norm=cfg.norm, eps=float(cfg.eps), box=box)
