@@ -116,10 +116,11 @@ def train(model, x, y, steps, seed=0, lr=1e-3, batch=100):
     c.optimizer.name, c.optimizer.lr, c.optimizer.weight_decay = "adam", lr, 0.0
     c.schedule.name = "constant"
     tx, lr_at = make_optimizer(c.optimizer, c.schedule, steps, max(1, len(x) // batch))
-    info = type("Info", (), {"image_shape": x.shape[1:]})
-    ctx = jobj.ObjectiveContext(model, ThreatModel("linf", 0.0), lambda step: 0.0, c.objective, 10)
-    state = create_train_state(c, model, info, tx, len(x), ctx)
-    update = jax.jit(make_update_fn(ctx, jobj.get_objective("standard"), lr_at, "none"),
+    objective = jobj.get_objective("standard")
+    ctx = jobj.ObjectiveContext(model, ThreatModel("linf", 0.0), {"eps": lambda step: 0.0},
+                                c.objective, 10, len(x))
+    state = create_train_state(model, x.shape[1:], tx, objective, ctx, seed=c.seed, n_train=len(x))
+    update = jax.jit(make_update_fn(ctx, objective, lr_at, "none"),
                      donate_argnums=(0,))
     rng = np.random.default_rng(seed)
     for _ in range(steps):

@@ -22,8 +22,7 @@ from configs.common import base_config
 from jaxrobust import models as jmodels
 from jaxrobust.threat import ThreatModel
 from jaxrobust.train import objectives as jobj
-from jaxrobust.train.eps_schedules import make_eps_schedule
-from jaxrobust.train.loop import create_train_state, make_mesh, make_update_fn
+from jaxrobust.train.loop import build_schedules, create_train_state, make_mesh, make_update_fn
 from jaxrobust.train.optim import make_optimizer
 
 
@@ -36,13 +35,13 @@ def jax_step_time(model_name, kwargs, shape, batch, eps, iters):
     c.schedule.name = "constant"
     model = jmodels.create_model(model_name, 10, **kwargs)
     tx, lr = make_optimizer(c.optimizer, c.schedule, 1000, 100)
-    info = type("Info", (), {"image_shape": shape})
-    ctx = jobj.ObjectiveContext(model, ThreatModel("linf", eps), make_eps_schedule(
-        c.objective.eps_schedule, eps, 100), c.objective, 10)
-    state = create_train_state(c, model, info, tx, batch, ctx)
+    objective = jobj.get_objective("pgd_at")
+    ctx = jobj.ObjectiveContext(model, ThreatModel("linf", eps), build_schedules(c, 1000, 100),
+                                c.objective, 10, batch)
+    state = create_train_state(model, shape, tx, objective, ctx, seed=c.seed, n_train=batch)
     mesh = make_mesh()
     rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    update = jax.jit(make_update_fn(ctx, jobj.get_objective("pgd_at"), lr, "none"),
+    update = jax.jit(make_update_fn(ctx, objective, lr, "none"),
                      in_shardings=(rep, dat), out_shardings=(rep, rep), donate_argnums=(0,))
     rng = np.random.default_rng(0)
     b = {"image": jnp.asarray(rng.uniform(0, 1, (batch,) + shape), jnp.float32),

@@ -1,5 +1,28 @@
-"""The configuration schema shared by every experiment (override any field with --config.a.b=v)."""
+"""The configuration schema shared by every experiment (override any field with --config.a.b=v).
+
+This file is the one place where defaults live: the library reads every field directly and fills the
+fields a stored or hand-written config lacks from here (:func:`with_defaults`).
+"""
 import ml_collections
+
+
+def schedule_config(name: str = "constant", **overrides) -> ml_collections.ConfigDict:
+    """A scalar schedule (see jaxrobust/train/schedules.py): lr, ε, and named method schedules."""
+    s = ml_collections.ConfigDict()
+    s.name = name  # constant | linear | cosine | multistep | exponential | cyclic | periodic
+    s.value = 1.0  # base value (named method schedules only; lr/ε take optimizer.lr/threat.eps)
+    s.warmup_epochs = 0.0  # linear warm-up from 0
+    s.ramp_epochs = 0.0  # linear/cosine: duration (<= 0: the whole run after the warm-up)
+    s.start_fraction = 0.0  # linear/cosine/exponential/periodic start, as a fraction of the value
+    s.final_fraction = 1.0  # ... and end (exponential: cap/floor)
+    s.milestones = (0.5, 0.75)  # multistep: fractions of training (<= 1) or epochs (> 1)
+    s.gamma = 0.1  # multistep factor
+    s.rate = 1.0  # exponential: factor per epoch
+    s.peak_fraction = 0.4  # cyclic: where the peak is
+    s.period_epochs = 1.0  # periodic: restart period
+    for k, v in overrides.items():
+        s[k] = v
+    return s
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -39,10 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.objective.attack.random_start = True
     c.objective.attack.loss = "ce"
     c.objective.attack.bn_mode = "eval"  # BN statistics used while the attack runs
-    c.objective.eps_schedule = ml_collections.ConfigDict()
-    c.objective.eps_schedule.name = "constant"  # constant | linear | cosine
-    c.objective.eps_schedule.ramp_epochs = 0.0
-    c.objective.eps_schedule.start_fraction = 0.0
+    # ε(step) = schedule of threat.eps (thesis §4.2.4); ctx.schedules['eps'] in objectives.
+    c.objective.eps_schedule = schedule_config("constant")
+    # Named scalar schedules a method declares (κ, β of CROWN-IBP, λ, α ...): name -> schedule_config
+    # with its base `value`; ctx.schedules[name] in objectives.
+    c.objective.schedules = ml_collections.ConfigDict()
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"  # sgd | adam | adamw
@@ -53,15 +77,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.b2 = 0.999
     c.optimizer.weight_decay = 5e-4
     c.optimizer.wd_skip_bn_bias = True
-    c.optimizer.clip_norm = 0.0
+    c.optimizer.clip_norm = 0.0  # global norm over the trainable parameters
+    # Parameter groups: label -> ConfigDict(pattern, lr_scale, weight_decay). A parameter whose path
+    # ('Dense_0/kernel') matches `pattern` (re.search; "" = none) gets the label; labels may also come
+    # from the objective (e.g. 'scores' of pruning). weight_decay < 0 = the optimizer's. The label
+    # 'frozen' (or freeze=True) is never updated (optax.set_to_zero) and never decayed.
+    c.optimizer.param_groups = ml_collections.ConfigDict()
 
-    c.schedule = ml_collections.ConfigDict()
-    c.schedule.name = "multistep"  # constant | multistep | cosine | cyclic | linear
-    c.schedule.warmup_epochs = 0.0
-    c.schedule.milestones = (0.5, 0.75)  # fractions of training (<= 1) or epochs (> 1)
-    c.schedule.gamma = 0.1
-    c.schedule.final_fraction = 0.0
-    c.schedule.peak_fraction = 0.4
+    # Learning-rate schedule of optimizer.lr: decays from start_fraction=1 to final_fraction=0.
+    c.schedule = schedule_config("multistep", start_fraction=1.0, final_fraction=0.0)
 
     c.train = ml_collections.ConfigDict()
     c.train.num_epochs = 10.0
@@ -70,7 +94,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every_epochs = 1.0  # 0 disables periodic evaluation
     c.train.checkpoint_every_steps = -1  # <= 0: every epoch
     c.train.keep_checkpoints = 3
-    c.train.stop_after_steps = -1  # > 0: checkpoint and stop there (used to test resumption)
     c.train.tensorboard = True
 
     c.eval = ml_collections.ConfigDict()
@@ -83,3 +106,30 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.attack.random_start = True
     c.eval.attack.loss = "ce"
     return c
+
+
+def param_group_config(pattern: str = "", lr_scale: float = 1.0, weight_decay: float = -1.0,
+                       freeze: bool = False) -> ml_collections.ConfigDict:
+    """One optimizer parameter group (see ``optimizer.param_groups``)."""
+    return ml_collections.ConfigDict(dict(pattern=pattern, lr_scale=float(lr_scale),
+                                          weight_decay=float(weight_decay), freeze=bool(freeze)))
+
+
+def _fill(cfg, defaults, path=""):
+    for k, v in defaults.items():
+        if k not in cfg:
+            cfg[k] = v
+        elif isinstance(v, ml_collections.ConfigDict) and isinstance(cfg[k], ml_collections.ConfigDict):
+            _fill(cfg[k], v, path + k + ".")
+
+
+def with_defaults(config) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with every missing field filled from :func:`base_config` (also inside the
+    named schedules and parameter groups), so the library can read fields directly."""
+    cfg = ml_collections.ConfigDict(config.to_dict() if hasattr(config, "to_dict") else dict(config))
+    _fill(cfg, base_config())
+    for sched in cfg.objective.schedules.values():
+        _fill(sched, schedule_config())
+    for group in cfg.optimizer.param_groups.values():
+        _fill(group, param_group_config())
+    return cfg

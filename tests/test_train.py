@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from configs import cifar10_resnet18_pgd, fashion_mnist_fc_pgd, mnist5k_fc1_pgd
 from configs.common import base_config
 from jaxrobust.train import load_trained, train
-from jaxrobust.train.eps_schedules import make_eps_schedule
+from jaxrobust.train.schedules import make_scalar_schedule
 from jaxrobust.train.metrics import read_metrics
 from jaxrobust.train.optim import make_optimizer, make_schedule, weight_decay_mask
 
@@ -49,6 +49,11 @@ def tiny_config(**overrides):
     return c
 
 
+def stop_at(n):
+    """A callback that stops (after checkpointing) once step ``n`` is reached."""
+    return lambda step, state: step >= n
+
+
 def _params(workdir):
     run = load_trained(workdir)
     return run, jax.tree.map(np.asarray, run.variables)
@@ -58,8 +63,8 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path):
     full = tiny_config()
     summary = train(full, str(tmp_path / "full"))
     assert summary["steps"] == 10
-    killed = tiny_config(**{"train.stop_after_steps": 5})  # "killed" after step 5 (mid-epoch)
-    assert train(killed, str(tmp_path / "resumed")) == {"stopped_at": 5}
+    killed = train(tiny_config(), str(tmp_path / "resumed"), callbacks=[stop_at(5)])
+    assert killed["stopped_at"] == 5  # "killed" after step 5 (mid-epoch)
     resumed = train(tiny_config(), str(tmp_path / "resumed"))
     assert resumed["steps"] == 10
     _, a = _params(str(tmp_path / "full"))
@@ -147,17 +152,17 @@ def test_lr_schedules():
     vals = np.array([s(i) for i in range(100)])
     assert int(np.argmax(vals)) == 40 and vals.max() == pytest.approx(0.2, rel=1e-3)
     c.name = "nope"
-    with pytest.raises(ValueError, match="Unknown lr schedule"):
+    with pytest.raises(ValueError, match="Unknown schedule"):
         make_schedule(c, 0.1, 100, 10)
 
 
 def test_eps_schedules():
     c = base_config().objective.eps_schedule
     c.name, c.ramp_epochs = "linear", 2.0
-    f = make_eps_schedule(c, 0.3, 10)
+    f = make_scalar_schedule(c, 0.3, 100, 10)
     assert float(f(0)) == 0.0 and float(f(10)) == pytest.approx(0.15) and float(f(50)) == pytest.approx(0.3)
     c.name = "cosine"
-    f = make_eps_schedule(c, 0.3, 10)
+    f = make_scalar_schedule(c, 0.3, 100, 10)
     assert float(f(10)) == pytest.approx(0.15) and float(f(20)) == pytest.approx(0.3)
     assert float(jax.jit(f)(jnp.int32(5))) < 0.15
 
@@ -205,31 +210,29 @@ def test_entrypoint_smoke(tmp_path):
 
 
 def test_registered_objective_with_per_instance_state(tmp_path):
-    """A new method is one registered objective; per-instance arrays are indexed by dataset index."""
-    from jaxrobust.train import register
-    from jaxrobust.train.objectives import _ce_and_metrics, forward_train
+    """A new method is one registered Objective; per-instance arrays are indexed by dataset index."""
+    from jaxrobust.train import Objective, ObjectiveOutput, register
+    from jaxrobust.train.objectives import ce_and_accuracy, forward_train
 
-    @register("test_track_loss")
-    def track_loss(ctx, params, model_state, batch, key, step, instance_state):
+    def loss(ctx, params, model_state, extra, batch, key, step):
         logits, new_state = forward_train(ctx.model, params, model_state, batch["image"])
-        loss, acc = _ce_and_metrics(logits, batch["label"], batch["mask"])
+        ce, acc = ce_and_accuracy(logits, batch["label"], batch["mask"])
         per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        seen = instance_state["times_seen"][batch["index"]] + 1
-        return loss, (new_state, {"last_loss": per_example, "times_seen": seen}, {"loss": loss})
+        seen = extra["instance"]["times_seen"][batch["index"]] + 1
+        return ce, ObjectiveOutput(new_state, {"last_loss": per_example, "times_seen": seen},
+                                   {"loss": ce})
 
-    track_loss.init_instance_state = lambda ctx, n, shape: {
-        "last_loss": -jnp.ones((n,)), "times_seen": jnp.zeros((n,), jnp.int32)}
+    init = lambda ctx, params, n, shape: {"instance": {
+        "last_loss": -jnp.ones((n,)), "times_seen": jnp.zeros((n,), jnp.int32)}}
+    register("test_track_loss", Objective(init=init, loss=loss))
     c = tiny_config(**{"objective.name": "test_track_loss", "train.num_steps": 88})  # 2 epochs of 44 batches
     wd = str(tmp_path)
     train(c, wd)
-    from jaxrobust.train.checkpoint import Checkpointer
-    ck = Checkpointer(wd)
-    tree = ck.manager.restore(ck.latest_step())
-    ck.close()
-    inst = tree["instance_state"]
-    n_train = len(inst["times_seen"])
+    inst = load_trained(wd).extra["instance"]
     seen = np.asarray(inst["times_seen"])
+    n_train = 1438  # digits train split size: state is indexed by dataset index
+    assert len(seen) >= n_train and np.all(seen[n_train:] == 0)  # padding rows never touched
     # 2 epochs x 44 batches x 32 = 2816 updates; each epoch sees every example at most once
     assert seen.sum() == 88 * 32 and seen.max() <= 2
-    assert np.all((np.asarray(inst["last_loss"]) >= 0) == (seen > 0))
-    assert n_train == 1438  # digits train split size: state is indexed by dataset index
+    last = np.asarray(inst["last_loss"])[:n_train]
+    assert np.all((last >= 0) == (seen[:n_train] > 0))

@@ -80,26 +80,40 @@ def count_params(tree, kernels_only: bool = False) -> int:
     return total
 
 
-def make_logits_fn(model, variables, bn_mode: str = "eval") -> Callable:
-    """``x -> logits`` closure over ``variables`` with the BatchNorm mode described above."""
+def make_logits_fn(model, variables, bn_mode: str = "eval", *, stop_gradient: bool = False) -> Callable:
+    """``x -> logits`` closure over ``variables`` with the BatchNorm mode described above.
+
+    The one model closure of the library: attacks and bounds take it as their ``logits_fn``.
+    ``stop_gradient=False`` (bound-based objectives: CROWN-IBP, PER, ...) lets gradients flow from the
+    logits to ``variables['params']``; ``stop_gradient=True`` (attacks inside a training step) cuts
+    them, since the inner maximisation only needs input gradients.
+    """
+    if bn_mode not in ("eval", "train"):
+        raise ValueError(f"Unknown bn_mode {bn_mode!r}; expected 'eval' or 'train'.")
+    if stop_gradient:
+        variables = jax.lax.stop_gradient(variables)
     if bn_mode == "eval":
         return lambda x: model.apply(variables, x, train=False)
-    if bn_mode == "train":
-        def fn(x):
-            logits, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
-            return logits
-        return fn
-    raise ValueError(f"Unknown bn_mode {bn_mode!r}; expected 'eval' or 'train'.")
+    collections = [k for k in variables if k != "params"]
+    if not collections:
+        return lambda x: model.apply(variables, x, train=True)
+
+    def fn(x):
+        logits, _ = model.apply(variables, x, train=True, mutable=collections)
+        return logits
+    return fn
 
 
-def apply_train(model, variables, x):
-    """Train-mode forward: ``(logits, new_model_state)`` (batch statistics updated)."""
-    if "batch_stats" not in variables:
-        return model.apply(variables, x, train=True), {}
-    logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
-    return logits, updates
+def forward_train(model, params, model_state, x):
+    """Train-mode forward pass ``(logits, new_model_state)``: BatchNorm uses and updates the batch
+    statistics (``model_state`` holds every non-param collection)."""
+    variables = {"params": params, **model_state}
+    if model_state:
+        logits, new_state = model.apply(variables, x, train=True, mutable=list(model_state))
+        return logits, dict(new_state)
+    return model.apply(variables, x, train=True), model_state
 
 
 __all__ = ["create_model", "list_models", "init_variables", "count_params", "make_logits_fn",
-           "apply_train", "FCNet", "SmallCNN", "LeNet", "VGG", "ResNet", "PreActResNet18",
+           "forward_train", "FCNet", "SmallCNN", "LeNet", "VGG", "ResNet", "PreActResNet18",
            "WideResNet"]

@@ -10,8 +10,9 @@ Architectures:
 - ``SmallCNN``: Wong & Kolter small CNN (conv16 4x4 s2 p1, conv32 4x4 s2 p1, fc100, fc10).
 - ``LeNet``, ``VGG``, ``ResNet`` (Table 4.1, width factor w; ResNet18 w=16 is the standard width).
 - ``PreActResNet18`` and ``WideResNet`` (28-10, 34-10), standard CIFAR adversarial-training nets.
-- ``PruneResNet``: CIFAR ResNet18/34/50 of §5.1 (no biases, non-affine BatchNorm, optional final
-  1-D BatchNorm over the logits), the backbone of robust sub-network search.
+- ``ResNet(..., affine_bn=False, fc_bias=False)`` (registered as ``cifar_resnet18/34/50``): the CIFAR
+  ResNets of §5.1 (no biases, non-affine BatchNorm, optional final 1-D BatchNorm over the logits,
+  ``last_bn=True``), the backbones of robust sub-network search.
 """
 from __future__ import annotations
 

@@ -1,9 +1,13 @@
-"""The one training loop, its state, objectives, optimizers, ε schedules and checkpoints."""
-from jaxrobust.train.loop import (TrainedRun, build_dataset, build_model, build_threat, load_config,
-                                  load_trained, train)
-from jaxrobust.train.objectives import ObjectiveContext, get_objective, list_objectives, register
+"""The one training loop, its state, objectives, optimizers, schedules and checkpoints."""
+from jaxrobust.train.loop import (RunSetup, TrainedRun, build_dataset, build_model, build_run,
+                                  build_threat, create_train_state, load_config, load_trained,
+                                  make_update_fn, train)
+from jaxrobust.train.objectives import (Objective, ObjectiveContext, ObjectiveOutput, get_objective,
+                                        list_objectives, register)
+from jaxrobust.train.schedules import make_scalar_schedule
 from jaxrobust.train.state import TrainState
 
 __all__ = ["train", "load_trained", "load_config", "TrainedRun", "TrainState", "register",
-           "get_objective", "list_objectives", "ObjectiveContext", "build_dataset", "build_model",
-           "build_threat"]
+           "Objective", "ObjectiveOutput", "get_objective", "list_objectives", "ObjectiveContext",
+           "build_dataset", "build_model", "build_threat", "build_run", "RunSetup",
+           "create_train_state", "make_update_fn", "make_scalar_schedule"]

@@ -1,23 +1,27 @@
 """The one training loop of jaxrobust.
 
-``train(config, workdir)`` runs any registered objective (standard ERM, PGD-AT, and those later issues
-add) with:
+``train(config, workdir)`` runs any registered :class:`~jaxrobust.train.objectives.Objective` (standard
+ERM, PGD-AT, and what later issues add) with:
 - one ``jax.jit`` update step over a ``('data',)`` mesh of all devices: the batch sharded with
-  ``NamedSharding(mesh, P('data'))``, the state replicated and donated (multi-host through
+  ``NamedSharding(mesh, P('data'))``, the state replicated except the objective's per-instance arrays
+  (``extra['instance']``, sharded over ``'data'``), donated (multi-host through
   ``jax.distributed.initialize()`` when ``config.distributed``; each process reads its own slice);
+- the objective's ``after_update`` inside the same jit, optimizer parameter groups from its
+  ``param_labels`` and the config, and named scalar schedules (``ctx.schedules``);
 - per-step PRNG keys ``fold_in(key, step)`` and data order from ``(seed, epoch)``, so restoring a
   checkpoint resumes bit-exactly (tested: killed-and-resumed == uninterrupted);
 - periodic clean + PGD evaluation on val/test with masked, padded batches (every example once);
 - orbax checkpoints (atomic), ``metrics.jsonl``, TensorBoard, ``config.json``, ``summary.json``,
-  progress with rate and ETA.
+  progress with rate and ETA; the update step compiles once per run (counted, in ``summary.json``).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,28 +30,34 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from configs.common import with_defaults
 from jaxrobust import attacks, data as jdata, models as jmodels
 from jaxrobust.data import augment as jaug
 from jaxrobust.threat import ThreatModel
 from jaxrobust.train import objectives as jobj
 from jaxrobust.train.checkpoint import Checkpointer
-from jaxrobust.train.eps_schedules import make_eps_schedule
 from jaxrobust.train.metrics import MetricWriter, Progress
 from jaxrobust.train.optim import make_optimizer
+from jaxrobust.train.schedules import make_scalar_schedule
 from jaxrobust.train.state import TrainState
+from jaxrobust.train.workdir import prepare_workdir
+
+AUGMENT_PAD = 4  # crop_flip pads by 4 pixels; batch['crop_offset'] = (4, 4) is the identity crop
+# Per-instance arrays are padded to a multiple of lcm(device count, 1024) rows: shardable over any
+# power-of-two number of devices up to 1024, so a checkpoint resumes on another device count.
+INSTANCE_ROW_MULTIPLE = 1024
 
 
 # ----------------------------------------------------------------------------- building blocks
 def build_dataset(config):
     d = config.data
-    return jdata.load_dataset(d.name, data_dir=d.get("data_dir") or None,
-                              val_fraction=d.get("val_fraction", 0.0), seed=d.get("split_seed", 0),
-                              pixel_range=tuple(d.get("pixel_range", (0.0, 1.0))))
+    return jdata.load_dataset(d.name, data_dir=d.data_dir or None, val_fraction=d.val_fraction,
+                              seed=d.split_seed, pixel_range=tuple(d.pixel_range))
 
 
 def build_model(config, info):
-    kwargs = dict(config.model.get("kwargs", {}))
-    if config.model.get("normalize", True) and info.image_shape != (2,):
+    kwargs = dict(config.model.kwargs)
+    if config.model.normalize and info.image_shape != (2,):
         kwargs.setdefault("mean", tuple(info.mean))
         kwargs.setdefault("std", tuple(info.std))
     return jmodels.create_model(config.model.name, info.num_classes, **kwargs)
@@ -82,47 +92,178 @@ def make_mesh():
                          axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def create_train_state(config, model, info, tx, train_size: int, ctx) -> TrainState:
-    key = jax.random.PRNGKey(config.seed)
-    init_key, state_key = jax.random.split(key)
-    variables = jmodels.init_variables(model, init_key, info.image_shape)
-    params = variables["params"]
-    model_state = {k: v for k, v in variables.items() if k != "params"}
+def instance_rows(n_train: int, num_devices: Optional[int] = None) -> int:
+    """Rows of the per-instance arrays: ``n_train`` padded to a multiple of lcm(devices, 1024)."""
+    d = jax.device_count() if num_devices is None else num_devices
+    m = math.lcm(d, INSTANCE_ROW_MULTIPLE)
+    return -(-n_train // m) * m
+
+
+def _is_instance_path(path) -> bool:
+    keys = [getattr(k, "name", getattr(k, "key", None)) for k in path]
+    return len(keys) >= 2 and keys[0] == "extra" and keys[1] == "instance"
+
+
+def state_shardings(state, mesh):
+    """NamedShardings for a TrainState (or its shapes): ``extra['instance']`` leaves split over the
+    ``'data'`` axis along their first (dataset index) axis, everything else replicated."""
+    def pick(path, leaf):
+        if _is_instance_path(path) and getattr(leaf, "ndim", 0) >= 1:
+            return NamedSharding(mesh, P("data"))
+        return NamedSharding(mesh, P())
+    return jax.tree_util.tree_map_with_path(pick, state)
+
+
+@dataclasses.dataclass
+class RunSetup:
+    """Everything a run builds from its config before touching the workdir."""
+    config: ml_collections.ConfigDict
+    dataset: Any
+    train_size: int
+    model: Any
+    threat: ThreatModel
+    steps_per_epoch: int
+    total_steps: int
+    objective: jobj.Objective
+    ctx: jobj.ObjectiveContext
+    tx: optax.GradientTransformation
+    lr_schedule: Callable
+
+
+def build_schedules(config, total_steps: int, steps_per_epoch: int, objective=None) -> Dict[str, Callable]:
+    """``ctx.schedules``: 'eps' (of threat.eps) and every ``objective.schedules.<name>`` (of its value)."""
+    scheds = {"eps": make_scalar_schedule(config.objective.eps_schedule, float(config.threat.eps),
+                                          total_steps, steps_per_epoch)}
+    for name, sc in config.objective.schedules.items():
+        if name == "eps":
+            raise ValueError("objective.schedules.eps is reserved: configure objective.eps_schedule.")
+        scheds[name] = make_scalar_schedule(sc, float(sc.value), total_steps, steps_per_epoch)
+    missing = [n for n in (objective.schedules if objective is not None else ()) if n not in scheds]
+    if missing:
+        raise ValueError(f"objective {config.objective.name!r} needs the schedules {missing}: set "
+                         f"objective.schedules.<name> (see configs.common.schedule_config).")
+    return scheds
+
+
+def build_run(config) -> RunSetup:
+    """Validates ``config`` (filled with defaults) and builds data, model, threat, objective, schedules
+    and optimizer. Raises a ValueError naming the bad field before anything is written."""
+    validate_config(config)
+    ds = build_dataset(config)
+    info = ds.info
+    train_size = len(ds.split("train"))
+    model = build_model(config, info)
+    threat = build_threat(config, info)
+    bs = config.data.batch_size
+    steps_per_epoch = train_size // bs
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {bs} is larger than the training set ({train_size}).")
+    total = config.train.num_steps if config.train.num_steps > 0 else \
+        int(round(config.train.num_epochs * steps_per_epoch))
     objective = jobj.get_objective(config.objective.name)
-    init_inst = getattr(objective, "init_instance_state", None)
-    instance_state = init_inst(ctx, train_size, info.image_shape) if init_inst else {}
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                      opt_state=tx.init(params), key=state_key, instance_state=instance_state,
-                      apply_fn=model.apply, tx=tx)
+    ctx = jobj.ObjectiveContext(model=model, threat=threat,
+                                schedules=build_schedules(config, total, steps_per_epoch, objective),
+                                cfg=config.objective, num_classes=info.num_classes, n_train=train_size)
+    params_shape = jax.eval_shape(lambda: jmodels.init_variables(
+        model, jax.random.PRNGKey(0), info.image_shape))["params"]
+    tx, lr_schedule = make_optimizer(config.optimizer, config.schedule, total, steps_per_epoch,
+                                     params=params_shape, objective_labels=objective.param_labels)
+    return RunSetup(config, ds, train_size, model, threat, steps_per_epoch, total, objective, ctx, tx,
+                    lr_schedule)
 
 
-def make_update_fn(ctx, objective, lr_schedule, augment: str):
-    """The training step: (state, batch) -> (state, metrics). Pure; jitted by the caller."""
+def _pad_instance(extra, n_train: int, rows: int):
+    if not isinstance(extra, dict) or "instance" not in extra:
+        return extra
+    inst = extra["instance"]
+    if not isinstance(inst, dict):
+        raise TypeError("extra['instance'] must be a dict of per-instance arrays.")
+    padded = {}
+    for name, v in inst.items():
+        if getattr(v, "ndim", 0) < 1 or v.shape[0] != n_train:
+            raise ValueError(f"extra['instance'][{name!r}] must have leading size n_train={n_train}, "
+                             f"got shape {getattr(v, 'shape', None)}.")
+        padded[name] = jnp.pad(v, [(0, rows - n_train)] + [(0, 0)] * (v.ndim - 1))
+    return {**extra, "instance": padded}
+
+
+def create_train_state(model, input_shape, tx, objective: jobj.Objective, ctx, *, seed: int,
+                       n_train: int, mesh=None) -> TrainState:
+    """The initial state: parameters from ``PRNGKey(seed)``, the objective's ``extra`` for ``n_train``
+    examples (per-instance rows padded, :func:`instance_rows`). With ``mesh`` the state is created
+    directly with its shardings (per-instance arrays never exist replicated on one device)."""
+    rows = instance_rows(n_train, None if mesh is None else mesh.size)
+    input_shape = tuple(input_shape)
+
+    def init():
+        key = jax.random.PRNGKey(seed)
+        init_key, state_key = jax.random.split(key)
+        variables = model.init(init_key, jnp.zeros((1,) + input_shape, jnp.float32), train=False)
+        params = variables["params"]
+        model_state = {k: v for k, v in variables.items() if k != "params"}
+        extra = objective.init_extra(ctx, params, n_train, input_shape)
+        extra = _pad_instance(extra, n_train, rows)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                          opt_state=tx.init(params), key=state_key, extra=extra, tx=tx)
+
+    if mesh is None:
+        return jax.jit(init)()
+    shardings = state_shardings(jax.eval_shape(init), mesh)
+    return jax.jit(init, out_shardings=shardings)()
+
+
+def create_run_state(setup: RunSetup, mesh=None) -> TrainState:
+    return create_train_state(setup.model, setup.dataset.info.image_shape, setup.tx, setup.objective,
+                              setup.ctx, seed=setup.config.seed, n_train=setup.train_size, mesh=mesh)
+
+
+def make_update_fn(ctx, objective: jobj.Objective, lr_schedule, augment: str,
+                   trace_counter: Optional[Dict[str, int]] = None):
+    """The training step: (state, batch) -> (state, metrics). Pure; jitted by the caller.
+
+    ``trace_counter['update']`` counts how often the step is traced (compiled): once per run.
+    """
 
     def update(state: TrainState, batch):
+        if trace_counter is not None:
+            trace_counter["update"] = trace_counter.get("update", 0) + 1
         key = jax.random.fold_in(state.key, state.step)
         k_aug, k_obj = jax.random.split(key)
+        n = batch["image"].shape[0]
         if augment == "crop_flip":
-            images, _, _ = jaug.random_crop_flip(k_aug, batch["image"])
-            batch = {**batch, "image": images}
+            images, offsets, flips = jaug.random_crop_flip(k_aug, batch["image"], pad=AUGMENT_PAD)
+            batch = {**batch, "image": images, "crop_offset": offsets, "flip": flips}
+        else:
+            batch = {**batch, "crop_offset": jnp.full((n, 2), AUGMENT_PAD, jnp.int32),
+                     "flip": jnp.zeros((n,), bool)}
 
         def loss_fn(params):
-            return objective(ctx, params, state.model_state, batch, k_obj, state.step,
-                             state.instance_state)
+            return objective.loss(ctx, params, state.model_state, state.extra, batch, k_obj,
+                                  state.step)
 
-        (loss, (new_model_state, inst_updates, metrics)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True)(state.params)
+        (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        out = jobj.ObjectiveOutput(*out)
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        inst = dict(state.instance_state)
-        for name, value in inst_updates.items():
-            n = inst[name].shape[0]
-            # Padding rows (mask False) are dropped by pointing them out of range.
-            idx = jnp.where(batch["mask"], batch["index"], n)
-            inst[name] = inst[name].at[idx].set(value, mode="drop")
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=lr_schedule(state.step))
-        new_state = state.replace(step=state.step + 1, params=params, model_state=new_model_state,
-                                  opt_state=opt_state, instance_state=inst)
+        extra = state.extra
+        if out.instance_updates:
+            inst = dict(extra["instance"])
+            for name, value in out.instance_updates.items():
+                if name not in inst:
+                    raise KeyError(f"instance update {name!r} is not in extra['instance'] "
+                                   f"(has {sorted(inst)}).")
+                rows = inst[name].shape[0]
+                # Padding rows (mask False) are dropped by pointing them out of range.
+                idx = jnp.where(batch["mask"], batch["index"], rows)
+                inst[name] = inst[name].at[idx].set(value.astype(inst[name].dtype), mode="drop")
+            extra = {**extra, "instance": inst}
+        if objective.after_update is not None:
+            extra = objective.after_update(ctx, params, extra, state.step)
+        metrics = dict(out.metrics, grad_norm=optax.global_norm(grads), lr=lr_schedule(state.step))
+        for name, sched in ctx.schedules.items():
+            metrics.setdefault(name, sched(state.step))
+        new_state = state.replace(step=state.step + 1, params=params, model_state=out.model_state,
+                                  opt_state=opt_state, extra=extra)
         return new_state, metrics
 
     return update
@@ -186,59 +327,50 @@ def validate_config(config):
 
 
 # ----------------------------------------------------------------------------- the loop
-def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
-    """Trains (or resumes) a run in ``workdir``; returns the summary dict."""
-    if config.get("distributed", False):
+def train(config: ml_collections.ConfigDict, workdir: str,
+          callbacks: Sequence[Callable[[int, TrainState], Any]] = ()) -> Dict[str, Any]:
+    """Trains (or resumes) a run in ``workdir``; returns the summary dict.
+
+    ``callbacks``: functions ``(step, state) -> stop`` called after every update; a truthy return value
+    checkpoints the state and stops the run there (returns ``{"stopped_at": step}``).
+    """
+    config = with_defaults(config)
+    if config.distributed:
         _initialize_distributed()
-    validate_config(config)
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-
-    ds = build_dataset(config)
-    info = ds.info
+    setup = build_run(config)
+    ds, threat, model = setup.dataset, setup.threat, setup.model
     train_split = ds.split("train")
-    model = build_model(config, info)
-    threat = build_threat(config, info)
-    bs = config.data.batch_size
-    steps_per_epoch = len(train_split) // bs
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {bs} is larger than the training set ({len(train_split)}).")
-    total = config.train.num_steps if config.train.get("num_steps", -1) > 0 else \
-        int(round(config.train.num_epochs * steps_per_epoch))
-    tx, lr_schedule = make_optimizer(config.optimizer, config.schedule, total, steps_per_epoch)
-    eps_at = make_eps_schedule(config.objective.get("eps_schedule", ml_collections.ConfigDict()),
-                               float(config.threat.eps), steps_per_epoch)
-    ctx = jobj.ObjectiveContext(model=model, threat=threat, eps_at=eps_at, cfg=config.objective,
-                                num_classes=info.num_classes)
-    objective = jobj.get_objective(config.objective.name)
+    bs, steps_per_epoch, total = config.data.batch_size, setup.steps_per_epoch, setup.total_steps
 
+    # config.json only once everything above accepted the config; refuses a changed run (workdir.py).
+    prepare_workdir(config, workdir)
     mesh = make_mesh()
     data_sharding = NamedSharding(mesh, P("data"))
     replicated = NamedSharding(mesh, P())
 
-    state = create_train_state(config, model, info, tx, len(train_split), ctx)
-    ckpt = Checkpointer(workdir, keep=config.train.get("keep_checkpoints", 3))
+    state = create_run_state(setup, mesh)
+    shardings = state_shardings(state, mesh)
+    ckpt = Checkpointer(workdir, keep=config.train.keep_checkpoints)
     if ckpt.latest_step() is not None:
         restored = ckpt.restore(state.checkpoint_tree())
         state = state.from_checkpoint_tree(restored)
         print(f"Resumed from step {int(state.step)} in {ckpt.directory}", flush=True)
-    state = jax.device_put(state, replicated)
+    state = jax.device_put(state, shardings)
 
-    update = jax.jit(make_update_fn(ctx, objective, lr_schedule, config.data.augment),
-                     in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
+    traces: Dict[str, int] = {}
+    update = jax.jit(make_update_fn(setup.ctx, setup.objective, setup.lr_schedule,
+                                    config.data.augment, traces),
+                     in_shardings=(shardings, data_sharding), out_shardings=(shardings, replicated),
                      donate_argnums=(0,))
     eval_step = jax.jit(make_eval_fn(model, threat, config.eval),
                         in_shardings=(replicated, data_sharding, replicated),
                         out_shardings=replicated)
-    writer = MetricWriter(workdir, tensorboard=config.train.get("tensorboard", True))
+    writer = MetricWriter(workdir, tensorboard=config.train.tensorboard)
     eval_splits = [s for s in config.eval.splits if s in ds.splits]
     eval_every = max(int(round(config.train.eval_every_epochs * steps_per_epoch)), 1) \
         if config.train.eval_every_epochs > 0 else 0
     ckpt_every = config.train.checkpoint_every_steps if config.train.checkpoint_every_steps > 0 \
         else steps_per_epoch
-    stop_after = config.train.get("stop_after_steps", -1)
 
     def evaluate(step):
         results = {}
@@ -269,23 +401,25 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
                                                  steps_per_sec=progress.rate(step)))
                 progress.maybe_print(step, " ".join(f"{k}={float(v):.4f}" for k, v in
                                                     last_metrics.items() if np.ndim(v) == 0))
-            if eval_every and step % eval_every == 0 and step < total:
+            stop = any([bool(cb(step, state)) for cb in callbacks])
+            if eval_every and step % eval_every == 0 and step < total and not stop:
                 evaluate(step)
-            if step % ckpt_every == 0 or step == total or step == stop_after:
+            if step % ckpt_every == 0 or step == total or stop:
                 ckpt.save(step, state.checkpoint_tree())
-            if step == stop_after:
+            if stop:
                 ckpt.close()
                 writer.close()
-                return {"stopped_at": step}
+                return {"stopped_at": step, "compiles": dict(traces)}
             if step >= total:
                 break
     ckpt.save(step, state.checkpoint_tree())  # no-op if this step is saved already
     ckpt.close()
     final = evaluate(step)
     summary = {"steps": step, "epochs": step / steps_per_epoch, "train_seconds": time.time() - t0,
-               "devices": jax.device_count(), "final_train_metrics": {
+               "devices": jax.device_count(), "compiles": dict(traces), "final_train_metrics": {
                    k: float(v) for k, v in last_metrics.items() if np.ndim(v) == 0},
-               "eval": final, "threat": {"norm": threat.norm, "eps": float(config.threat.eps)}}
+               "eval": final, "threat": {"norm": threat.norm, "eps": float(config.threat.eps),
+                                         "box": None if threat.box is None else list(threat.box)}}
     if jax.process_index() == 0:
         tmp = os.path.join(workdir, "summary.json.tmp")
         with open(tmp, "w") as f:
@@ -315,31 +449,30 @@ class TrainedRun:
     logits_fn: Callable
     dataset: Any
     step: int
+    extra: Any = None
+    threat: Optional[ThreatModel] = None  # the run's training threat model (box = data pixel range)
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
+    """A run's stored config, with fields it lacks filled from the current defaults."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: is {workdir} a training run's workdir?")
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        return with_defaults(ml_collections.ConfigDict(json.load(f)))
 
 
 def load_trained(workdir: str, step: Optional[int] = None) -> TrainedRun:
-    """Loads a finished (or interrupted) run: config, model, variables and an eval-mode logits_fn."""
+    """Loads a finished (or interrupted) run: config, model, variables, the objective's extra state
+    and an eval-mode logits_fn."""
     config = load_config(workdir)
-    ds = build_dataset(config)
-    model = build_model(config, ds.info)
-    steps_per_epoch = max(len(ds.split("train")) // config.data.batch_size, 1)
-    tx, _ = make_optimizer(config.optimizer, config.schedule, 1, steps_per_epoch)
-    ctx = jobj.ObjectiveContext(model=model, threat=build_threat(config, ds.info),
-                                eps_at=lambda s: config.threat.eps, cfg=config.objective,
-                                num_classes=ds.info.num_classes)
-    state = create_train_state(config, model, ds.info, tx, len(ds.split("train")), ctx)
+    setup = build_run(config)
+    state = create_run_state(setup)
     ckpt = Checkpointer(workdir)
     restored = ckpt.restore(state.checkpoint_tree(), step)
     ckpt.close()
     state = state.from_checkpoint_tree(restored)
     variables = state.variables()
-    logits_fn = jax.jit(lambda x: model.apply(variables, x, train=False))
-    return TrainedRun(config, model, variables, logits_fn, ds, int(state.step))
+    logits_fn = jax.jit(lambda x: setup.model.apply(variables, x, train=False))
+    return TrainedRun(config, setup.model, variables, logits_fn, setup.dataset, int(state.step),
+                      state.extra, setup.threat)

@@ -1,48 +1,108 @@
 """Training objectives plugged into the one training loop.
 
-An objective is a pure function
+An objective is an :class:`Objective`, a group of pure functions in the optax ``(init, update)`` style:
 
-    objective(ctx, params, model_state, batch, key, step, instance_state)
-        -> (loss, (new_model_state, instance_updates, metrics))
+- ``init(ctx, params, n_train, input_shape) -> extra``: the objective's extra state, a pytree. By
+  convention ``extra['instance']`` is a dict of per-instance arrays of leading size ``n_train``
+  (cached perturbations, per-example ε, difficulty statistics...), indexed by each example's dataset
+  index; the loop shards them over the mesh's ``'data'`` axis (they are never replicated) and
+  checkpoints them. Other leaves (EMA/teacher weights, ensembles, masks) are replicated.
+- ``loss(ctx, params, model_state, extra, batch, key, step) -> (loss, ObjectiveOutput)``: ``batch``
+  carries ``image, label, index, mask`` and the augmentation it went through (``crop_offset`` (B, 2),
+  ``flip`` (B,); identity offsets ``(pad, pad)`` without augmentation, see
+  :func:`jaxrobust.data.augment.invert_crop_flip`); the loss is the masked mean over the batch.
+  ``ObjectiveOutput.instance_updates`` maps names of ``extra['instance']`` to values for this batch's
+  examples (the loop scatters them at ``batch['index']``, dropping padded rows).
+- ``after_update(ctx, params, extra, step) -> extra`` (optional): runs after the optimizer step, inside
+  the same jit, with the new parameters (EMA weights, checkpoint ensembles, mask refresh).
+- ``param_labels(params) -> pytree of str`` (optional): optimizer groups (``'frozen'``, ``'scores'``...),
+  see :mod:`jaxrobust.train.optim`.
+- ``schedules``: names of the scalar schedules the objective reads from ``ctx.schedules`` (besides
+  ``'eps'``); each must be configured under ``objective.schedules.<name>``.
 
-``ctx`` (an :class:`ObjectiveContext`) holds static things: the model, the threat model, the ε
-schedule and the objective's config. ``batch`` carries ``image, label, index, mask``; the loss is the
-masked mean over the batch. ``instance_updates`` maps instance-state names to values for this batch's
-examples (the loop scatters them at ``batch['index']``). Objectives may run the model several times;
-they never own a loop. New objectives register with :func:`register`.
+``ctx`` (an :class:`ObjectiveContext`) holds static things: the model, the threat model, the schedules
+(``ctx.schedules['eps'](step)`` is ε) and the objective's config. Objectives may run the model several
+times; they never own a loop. New objectives register with :func:`register`, which also accepts a bare
+loss function ``fn(ctx, params, model_state, extra, batch, key, step)``.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from jaxrobust import attacks
+from jaxrobust.models import forward_train, make_logits_fn
 from jaxrobust.threat import ThreatModel
 
-_OBJECTIVES: Dict[str, Callable] = {}
+_OBJECTIVES: Dict[str, "Objective"] = {}
+
+
+class ObjectiveOutput(NamedTuple):
+    """What an objective's loss returns besides the loss value."""
+    model_state: Any
+    instance_updates: Dict[str, jax.Array] = {}
+    metrics: Dict[str, jax.Array] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A training method: see the module docstring."""
+    init: Optional[Callable]
+    loss: Callable
+    after_update: Optional[Callable] = None
+    param_labels: Optional[Callable] = None
+    schedules: Tuple[str, ...] = ()
+
+    def init_extra(self, ctx, params, n_train: int, input_shape) -> Any:
+        return {} if self.init is None else self.init(ctx, params, n_train, tuple(input_shape))
 
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveContext:
     model: Any
-    threat: ThreatModel
-    eps_at: Callable  # step -> ε
+    threat: ThreatModel  # the run's threat model at the configured ε (box = the data's pixel range)
+    schedules: Dict[str, Callable]  # name -> (step -> value); always has 'eps'
     cfg: Any  # the objective's ConfigDict (attack settings, ...)
     num_classes: int
+    n_train: int = 0  # training-set size (rows of extra['instance'] beyond it are padding)
+
+    def eps_at(self, step):
+        return self.schedules["eps"](step)
 
 
-def register(name):
-    def deco(fn):
-        _OBJECTIVES[name] = fn
-        return fn
+def _as_objective(obj) -> Objective:
+    if isinstance(obj, Objective):
+        return obj
+    if callable(obj):
+        return Objective(init=None, loss=obj)
+    raise TypeError(f"register expects an Objective or a loss function, got {type(obj).__name__}.")
+
+
+def register(name: str, objective: Optional[Objective] = None):
+    """Registers an objective under ``name``: ``register('x', Objective(...))``, or as a decorator on
+    an Objective-returning factory's result or on a bare loss function::
+
+        @register("my_method")
+        def my_method(ctx, params, model_state, extra, batch, key, step):
+            logits, new_state = forward_train(ctx.model, params, model_state, batch["image"])
+            ...
+            return loss, ObjectiveOutput(new_state, {}, {"loss": loss})
+    """
+    if objective is not None:
+        _OBJECTIVES[name] = _as_objective(objective)
+        return _OBJECTIVES[name]
+
+    def deco(obj):
+        _OBJECTIVES[name] = _as_objective(obj)
+        return obj
     return deco
 
 
-def get_objective(name: str):
+def get_objective(name: str) -> Objective:
     if name not in _OBJECTIVES:
         raise ValueError(f"Unknown objective {name!r}; available: {sorted(_OBJECTIVES)}.")
     return _OBJECTIVES[name]
@@ -57,57 +117,50 @@ def masked_mean(values, mask):
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def forward_train(model, params, model_state, x):
-    """Train-mode forward pass: (logits, new_model_state)."""
-    variables = {"params": params, **model_state}
-    if model_state:
-        logits, new_state = model.apply(variables, x, train=True, mutable=list(model_state))
-        return logits, dict(new_state)
-    return model.apply(variables, x, train=True), model_state
-
-
-def attack_logits_fn(model, params, model_state, bn_mode: str):
-    """``x -> logits`` used while generating attacks during training (gradients w.r.t. params are
-    stopped: the inner maximisation only needs input gradients)."""
-    variables = jax.lax.stop_gradient({"params": params, **model_state})
-    if bn_mode == "eval":
-        return lambda x: model.apply(variables, x, train=False)
-    if bn_mode == "train":
-        if not model_state:
-            return lambda x: model.apply(variables, x, train=True)
-        return lambda x: model.apply(variables, x, train=True, mutable=list(model_state))[0]
-    raise ValueError(f"Unknown attack bn_mode {bn_mode!r}; expected 'eval' or 'train'.")
-
-
-def _ce_and_metrics(logits, labels, mask):
+def ce_and_accuracy(logits, labels, mask):
+    """Masked mean cross-entropy and accuracy of a batch."""
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     acc = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
     return masked_mean(ce, mask), masked_mean(acc, mask)
 
 
-@register("standard")
-def standard(ctx, params, model_state, batch, key, step, instance_state):
+def standard_loss(ctx, params, model_state, extra, batch, key, step):
     """Empirical risk minimisation (clean cross-entropy)."""
     logits, new_state = forward_train(ctx.model, params, model_state, batch["image"])
-    loss, acc = _ce_and_metrics(logits, batch["label"], batch["mask"])
-    return loss, (new_state, {}, {"loss": loss, "accuracy": acc})
+    loss, acc = ce_and_accuracy(logits, batch["label"], batch["mask"])
+    return loss, ObjectiveOutput(new_state, {}, {"loss": loss, "accuracy": acc})
 
 
-@register("pgd_at")
-def pgd_at(ctx, params, model_state, batch, key, step, instance_state):
-    """PGD adversarial training (Madry et al. 2018; thesis §4.1 eq. 4.1): minimise the CE on PGD
-    points generated on the fly with the current parameters, ε = eps_at(step)."""
+def pgd_points(ctx, params, model_state, batch, key, step):
+    """PGD points of the batch under the objective's ``attack`` config at ε = ctx.eps_at(step)
+    (gradients to the parameters stopped). Returns ``(x_adv, eps)``."""
     a = ctx.cfg.attack
     eps = ctx.eps_at(step)
     threat = ctx.threat.replace(eps=eps)
-    logits_fn = attack_logits_fn(ctx.model, params, model_state, a.bn_mode)
-    step_size = None if a.step_size <= 0 else a.step_size * (eps / ctx.threat.eps
-                                                              if a.get("scale_step_with_eps", True)
-                                                              else 1.0)
+    logits_fn = make_logits_fn(ctx.model, {"params": params, **model_state}, a.bn_mode,
+                               stop_gradient=True)
+    step_size = None
+    if a.step_size > 0:
+        step_size = a.step_size * (eps / ctx.threat.eps if a.scale_step_with_eps else 1.0)
     x_adv = attacks.pgd(logits_fn, batch["image"], batch["label"], key, threat, steps=a.steps,
                         step_size=step_size, loss=a.loss, restarts=a.restarts,
                         random_start=a.random_start)
-    x_adv = jax.lax.stop_gradient(x_adv)
+    return jax.lax.stop_gradient(x_adv), eps
+
+
+def pgd_at_loss(ctx, params, model_state, extra, batch, key, step):
+    """PGD adversarial training (Madry et al. 2018; thesis §4.1 eq. 4.1): minimise the CE on PGD
+    points generated on the fly with the current parameters, ε = ctx.eps_at(step)."""
+    x_adv, eps = pgd_points(ctx, params, model_state, batch, key, step)
     logits, new_state = forward_train(ctx.model, params, model_state, x_adv)
-    loss, acc = _ce_and_metrics(logits, batch["label"], batch["mask"])
-    return loss, (new_state, {}, {"loss": loss, "adv_accuracy": acc, "eps": eps})
+    loss, acc = ce_and_accuracy(logits, batch["label"], batch["mask"])
+    return loss, ObjectiveOutput(new_state, {}, {"loss": loss, "adv_accuracy": acc, "eps": eps})
+
+
+register("standard", Objective(init=None, loss=standard_loss))
+register("pgd_at", Objective(init=None, loss=pgd_at_loss))
+
+
+__all__ = ["Objective", "ObjectiveOutput", "ObjectiveContext", "register", "get_objective",
+           "list_objectives", "masked_mean", "ce_and_accuracy", "pgd_points", "forward_train",
+           "make_logits_fn"]

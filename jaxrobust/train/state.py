@@ -1,7 +1,7 @@
 """Training state: everything a step needs, and everything a checkpoint must hold."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from typing import Any, Dict
 
 import jax
 import optax
@@ -10,17 +10,17 @@ from flax import struct
 
 @struct.dataclass
 class TrainState:
-    """``params``, mutable model collections (``model_state``: batch_stats, masks/scores...),
-    ``opt_state``, ``step``, base PRNG ``key`` (per-step keys are ``fold_in(key, step)`` so a resumed
-    run draws the same numbers) and ``instance_state``: arrays of leading size = training-set size,
-    indexed by each example's dataset index (per-instance ε, cached perturbations, difficulty...)."""
+    """``params``, mutable model collections (``model_state``: batch_stats...), ``opt_state``,
+    ``step``, base PRNG ``key`` (per-step keys are ``fold_in(key, step)`` so a resumed run draws the same
+    numbers) and the objective's ``extra`` state: a pytree whose ``extra['instance']`` arrays have a
+    leading axis indexed by dataset index (padded to a multiple of the device count and sharded over
+    the ``'data'`` mesh axis), the rest (EMA weights, masks...) replicated."""
     step: jax.Array
     params: Any
     model_state: Dict[str, Any]
     opt_state: Any
     key: jax.Array
-    instance_state: Dict[str, jax.Array]
-    apply_fn: Callable = struct.field(pytree_node=False)
+    extra: Any
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
 
     def variables(self):
@@ -29,7 +29,7 @@ class TrainState:
     def checkpoint_tree(self):
         """The array part of the state (what orbax saves)."""
         return {"step": self.step, "params": self.params, "model_state": self.model_state,
-                "opt_state": self.opt_state, "key": self.key, "instance_state": self.instance_state}
+                "opt_state": self.opt_state, "key": self.key, "extra": self.extra}
 
     def from_checkpoint_tree(self, tree):
         return self.replace(**tree)
