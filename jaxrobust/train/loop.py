@@ -76,11 +76,9 @@ def build_threat(config, info=None, *, norm=None, eps=None) -> ThreatModel:
     if eps is not None and float(eps) < 0:
         raise ValueError(f"eps must be >= 0 (None = the training run's eps {t.eps}), got {eps}.")
     box = None
-    if t.get("box") is not None:
-        if info is not None:
-            box = tuple(float(v) for v in info.pixel_range)
-        else:
-            box = tuple(float(v) for v in config.data.get("pixel_range", t.box))
+    if t.box is not None:
+        pixel_range = info.pixel_range if info is not None else config.data.pixel_range
+        box = tuple(float(v) for v in pixel_range)
     return ThreatModel(norm=norm or t.norm, eps=float(t.eps if eps is None else eps), box=box)
 
 
