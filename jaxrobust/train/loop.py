@@ -460,9 +460,15 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
         return with_defaults(ml_collections.ConfigDict(json.load(f)))
 
 
-def load_trained(workdir: str, step: Optional[int] = None) -> TrainedRun:
+def load_trained(workdir: str, step: Optional[int] = None, weights: str = "final") -> TrainedRun:
     """Loads a finished (or interrupted) run: config, model, variables, the objective's extra state
-    and an eval-mode logits_fn."""
+    and an eval-mode logits_fn.
+
+    ``weights='ema'`` uses the exponential moving average of the parameters that objectives keep in
+    ``extra['ema']`` (an ``after_update`` hook) instead of the final parameters.
+    """
+    if weights not in ("final", "ema"):
+        raise ValueError(f"weights must be 'final' or 'ema', got {weights!r}.")
     config = load_config(workdir)
     setup = build_run(config)
     state = create_run_state(setup)
@@ -471,6 +477,11 @@ def load_trained(workdir: str, step: Optional[int] = None) -> TrainedRun:
     ckpt.close()
     state = state.from_checkpoint_tree(restored)
     variables = state.variables()
+    if weights == "ema":
+        if not isinstance(state.extra, dict) or "ema" not in state.extra:
+            raise ValueError(f"the run in {workdir} keeps no EMA weights (objective "
+                             f"{config.objective.name!r} has no extra['ema']).")
+        variables = {**variables, "params": state.extra["ema"]}
     logits_fn = jax.jit(lambda x: setup.model.apply(variables, x, train=False))
     return TrainedRun(config, setup.model, variables, logits_fn, setup.dataset, int(state.step),
                       state.extra, setup.threat)
