@@ -307,6 +307,16 @@ def write_json_atomic(obj, path: str, *, digits: int = 7) -> None:
     os.replace(tmp, path)
 
 
+def import_run_modules(workdir: str) -> None:
+    """Imports a training run's ``config.imports`` (evaluate/certify load runs trained with objectives
+    registered in the user's modules)."""
+    from jaxrobust.train.workdir import import_modules
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            import_modules(json.load(f).get("imports", ()))
+
+
 # ----------------------------------------------------------------------------- multi-host
 def maybe_initialize_distributed(config) -> None:
     """``--config.distributed=True``: ``jax.distributed.initialize()`` as in training (BUILD.md)."""

@@ -16,25 +16,23 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, logging
+from absl import logging
 
-from experiments import define_entrypoint_flags, make_main, write_json_atomic
+from experiments import (define_entrypoint_flags, gather_examples, import_run_modules, make_main,
+                         maybe_initialize_distributed, process_slice, run, write_json_atomic)
 
 from jaxrobust.attacks import pgd
 from jaxrobust.certify import (certified_radius_curve, certify, cosine_similarity_stats,
                                nonuniform_bounds, optimal_eps_search)
-from jaxrobust.threat import ThreatModel
-from jaxrobust.train import load_trained
+from jaxrobust.train import build_threat, load_trained
 from jaxrobust.train.metrics import Progress
 
 define_entrypoint_flags("Certification config file.", "Work directory of a training run.")
 
 
-def _threat(config, run) -> ThreatModel:
-    norm = config.threat.norm or run.config.threat.norm
-    eps = config.threat.eps if config.threat.eps >= 0 else run.config.threat.eps
-    box = tuple(run.config.threat.box) if run.config.threat.get("box") is not None else None
-    return ThreatModel(norm=norm, eps=float(eps), box=box)
+def _plots_on(config) -> bool:
+    """Figures are drawn by process 0 only."""
+    return bool(config.plots.enabled) and jax.process_index() == 0
 
 
 def _batches(n, batch_size):
@@ -46,17 +44,23 @@ def _batches(n, batch_size):
         yield s, np.concatenate([idx, np.full(batch_size - len(idx), idx[0])]), mask
 
 
-def _map_batches(step, x, y, batch_size, name):
-    """Applies a jitted ``step(x, y) -> dict of (B, ...)`` over padded batches; concatenates."""
+def _map_batches(step, x, y, batch_size, name, *extra):
+    """Applies a jitted ``step(x, y, *extra) -> dict of (B, ...)`` over padded batches of the
+    examples and returns the concatenated outputs of all of them, in order. In a multi-process run
+    (``--config.distributed``) each process maps its slice and the slices are all-gathered."""
     n = x.shape[0]
-    bs = min(batch_size, n)
-    prog = Progress(total=n, every=1, name=name)
+    idx, keep = process_slice(n)
+    arrays = [np.asarray(a)[idx] for a in (x, y) + extra]
+    m = len(idx)
+    bs = min(batch_size, max(m, 1))
+    prog = Progress(total=int(keep.sum()), every=1, name=name, unit="images")
     outs = []
-    for s, idx, mask in _batches(n, bs):
-        o = jax.device_get(step(jnp.asarray(x[idx]), jnp.asarray(y[idx])))
-        outs.append({k: v[mask] for k, v in o.items()})
-        prog.maybe_print(s + int(mask.sum()))
-    return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    for s, bidx, mask in _batches(m, bs):
+        o = jax.device_get(step(*(jnp.asarray(a[bidx]) for a in arrays)))
+        outs.append({k: np.asarray(v)[mask] for k, v in o.items()})
+        prog.maybe_print(min(s + int(mask.sum()), int(keep.sum())))
+    local = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    return gather_examples(local, keep)
 
 
 def table3_6(config, run, threat, fn, x, y, plot_dir):
@@ -139,12 +143,12 @@ def table3_6(config, run, threat, fn, x, y, plot_dir):
             out[f"optimal radius {tag}"] = float(np.mean(rad))
             r[f"search_{tag}"] = rad
         out["search"] = {"num_examples": int(n), "eps_high": hi, "tol": tol}
-        if config.plots.enabled:
+        if _plots_on(config):
             from jaxrobust import plots
             plots.plot_radius_distribution({"Alg 3.5 (PEC)": r["search_PEC"], "binary search": r["search_Lin"]},
                                            os.path.join(plot_dir, "fig3_9_radius_distribution.png"), eps=eps)
 
-    if config.plots.enabled:
+    if _plots_on(config):
         from jaxrobust import plots
         i = min(config.plots.example, x.shape[0] - 1)
         grid = np.linspace(0, config.search.eps_high if config.search.eps_high > 0 else 4 * eps,
@@ -173,15 +177,9 @@ def nonuniform(config, run, threat, fn, x, y, plot_dir):
     t = time.time()
     # Warm start from the uniform region (feasible for the non-uniform problem) and keep it as a
     # fallback, so the reported non-uniform volume is never below the uniform one.
-    outs = []
-    bs = min(config.batch_size, x.shape[0])
-    step = jax.jit(lambda xb, yb, ub: nonuniform_bounds(fn, xb, yb, init=0.9 * ub + 1e-6, fallback=ub, **kw)._asdict())
-    prog = Progress(total=x.shape[0], every=1, name="nonuniform")
-    for s, idx, mask in _batches(x.shape[0], bs):
-        o = jax.device_get(step(jnp.asarray(x[idx]), jnp.asarray(y[idx]), jnp.asarray(uni["eps"][idx])))
-        outs.append({k: v[mask] for k, v in o.items()})
-        prog.maybe_print(s + int(mask.sum()))
-    non = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    non = _map_batches(jax.jit(lambda xb, yb, ub: nonuniform_bounds(fn, xb, yb, init=0.9 * ub + 1e-6,
+                                                                    fallback=ub, **kw)._asdict()),
+                       x, y, config.batch_size, "nonuniform", uni["eps"])
     t_non = time.time() - t
     ok = uni["certified"] & non["certified"]
     out = {"num_correct": int(x.shape[0]), "num_certified": int(ok.sum()),
@@ -190,9 +188,10 @@ def nonuniform(config, run, threat, fn, x, y, plot_dir):
     out["ratio"] = out["nonuniform eps_avg"] / max(out["uniform eps_avg"], 1e-30)
     out["mean cosine"], out["min cosine"] = cosine_similarity_stats(non["eps"], ok)
     out["timing"] = {"uniform_s": t_uni, "nonuniform_s": t_non}
-    np.savez_compressed(os.path.join(os.path.dirname(plot_dir), "nonuniform_eps.npz"), uniform=uni["eps"],
-                        nonuniform=non["eps"], label=y, certified=ok)
-    if config.plots.enabled and ok.any():
+    if jax.process_index() == 0:
+        np.savez_compressed(os.path.join(os.path.dirname(plot_dir), "nonuniform_eps.npz"),
+                            uniform=uni["eps"], nonuniform=non["eps"], label=y, certified=ok)
+    if _plots_on(config) and ok.any():
         from jaxrobust import plots
         sel = np.nonzero(ok)[0]
         if x.ndim == 2 and x.shape[1] == 2:
@@ -211,34 +210,40 @@ def nonuniform(config, run, threat, fn, x, y, plot_dir):
 
 
 def certify_run(config, workdir):
-    run = load_trained(workdir)
-    threat = _threat(config, run)
-    variables, model = run.variables, run.model
+    maybe_initialize_distributed(config)
+    import_run_modules(workdir)
+    run_ = load_trained(workdir)
+    threat = build_threat(run_.config, run_.dataset.info, norm=config.threat.norm or None,
+                          eps=config.threat.eps)
+    variables, model = run_.variables, run_.model
     fn = lambda x: model.apply(variables, x, train=False)
-    split = run.dataset.split(config.split)
+    split = run_.dataset.split(config.split)
     n = len(split) if config.num_examples <= 0 else min(config.num_examples, len(split))
     batch = split.get(np.arange(n))
     x, y = np.asarray(batch["image"]), np.asarray(batch["label"])
     plot_dir = os.path.join(workdir, "plots")
-    os.makedirs(plot_dir, exist_ok=True)
+    if jax.process_index() == 0:
+        os.makedirs(plot_dir, exist_ok=True)
     t = time.time()
     if config.mode == "table3_6":
-        out = table3_6(config, run, threat, fn, x, y, plot_dir)
+        out = table3_6(config, run_, threat, fn, x, y, plot_dir)
         name = "certify.json"
     elif config.mode == "nonuniform":
-        out = nonuniform(config, run, threat, fn, x, y, plot_dir)
+        out = nonuniform(config, run_, threat, fn, x, y, plot_dir)
         name = "certify_nonuniform.json"
     else:
         raise ValueError(f"Unknown certification mode {config.mode!r}; expected 'table3_6' or 'nonuniform'.")
-    out.update(mode=config.mode, num_examples=int(n), split=config.split, step=run.step,
-               threat={"norm": threat.norm, "eps": float(threat.eps), "box": threat.box},
-               lin_method=config.lin_method, total_s=time.time() - t)
+    out.update(mode=config.mode, num_examples=int(n), split=config.split, step=run_.step,
+               threat={"norm": threat.norm, "eps": float(threat.eps),
+                       "box": None if threat.box is None else [float(b) for b in threat.box]},
+               lin_method=config.lin_method, processes=jax.process_count(), total_s=time.time() - t)
     write_json_atomic(out, os.path.join(workdir, name))
     return out
 
 
-main = make_main(certify_run, lambda out: {k: v for k, v in out.items() if k not in ("timing",)})
+main = make_main(certify_run, lambda out: {k: v for k, v in out.items() if k not in ("timing",)},
+                 resume_note="certification restarts from the beginning; run the same command")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -26,7 +26,9 @@ def test_table3_6(run_dir):
     out = certify_run(c, run_dir)
     with open(os.path.join(run_dir, "certify.json")) as f:
         saved = json.load(f)
-    assert saved["num_examples"] == 32 and saved["threat"]["eps"] == 0.05
+    assert saved["num_examples"] == 32 and saved["threat"] == {"norm": "linf", "eps": 0.05, "box": [-1.0, 1.0]}
+    assert saved["CTE"] == round(saved["CTE"] * 32 / 100) * 100 / 32  # a count / 32, without float noise
+    assert all(len(repr(v)) <= 16 for v in saved.values() if isinstance(v, float))
     assert {k: out[k] for k in ("CTE", "PGD", "CRE Lin")} == {k: saved[k] for k in ("CTE", "PGD", "CRE Lin")}
     assert saved["certified_but_attacked"] == 0
     assert saved["CTE"] <= saved["PGD"] <= saved["CRE Lin"] + 1e-9 and saved["PGD"] <= saved["CRE IBP"] + 1e-9
@@ -56,4 +58,9 @@ def test_configs_and_errors(run_dir):
     c = table3_6.get_config("smoke")
     c.mode = "bogus"
     with pytest.raises(ValueError, match="mode"):
+        certify_run(c, run_dir)
+    c = table3_6.get_config("smoke")
+    assert c.threat.eps is None  # None: the training run's eps; negative values are errors
+    c.threat.eps = -0.1
+    with pytest.raises(ValueError, match="eps must be >= 0"):
         certify_run(c, run_dir)

@@ -5,12 +5,14 @@ import ml_collections
 def base_certify_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.distributed = False  # multi-host: each process evaluates its slice of the examples (BUILD.md)
+    c.imports = ()  # modules to import first (the training run's own config.imports are imported too)
     c.split = "test"
     c.num_examples = 1000  # <= 0: the whole split
     c.batch_size = 100
     c.threat = ml_collections.ConfigDict()
     c.threat.norm = ""  # "" = the training run's norm
-    c.threat.eps = -1.0  # < 0 = the training run's eps
+    c.threat.eps = ml_collections.config_dict.placeholder(float)  # None = the training run's eps; >= 0
     c.mode = "table3_6"  # table3_6: CTE/PGD/CRE/ACB (+search, +MIP); nonuniform: Alg 3.3 vs uniform
     c.lin_method = "crown"  # the linear certifier behind CRE Lin / ACB Lin / ACB PEC
     c.extra_methods = ("crown_ibp", "ibp_linear")  # also report their CRE/ACB (one-shot)

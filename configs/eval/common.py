@@ -5,6 +5,8 @@ import ml_collections
 def base_eval_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.distributed = False  # multi-host: each process evaluates its slice of the examples (BUILD.md)
+    c.imports = ()  # modules to import first (the training run's own config.imports are imported too)
     c.split = "test"
     c.num_examples = 1000  # <= 0: the whole split
     c.batch_size = 500
@@ -12,7 +14,7 @@ def base_eval_config() -> ml_collections.ConfigDict:
     c.mode = "standard"  # standard: sequential worst case; individual: each attack alone
     c.threat = ml_collections.ConfigDict()
     c.threat.norm = ""  # "" = the training run's norm
-    c.threat.eps = -1.0  # < 0 = the training run's eps
+    c.threat.eps = ml_collections.config_dict.placeholder(float)  # None = the training run's eps; >= 0
     c.n_iter = 100  # APGD iterations
     c.n_queries = 5000  # Square queries
     c.pgd_steps = 20

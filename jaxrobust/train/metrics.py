@@ -51,10 +51,13 @@ def read_metrics(workdir: str):
 
 
 class Progress:
-    """Rate and ETA for long loops (printed every ``every`` steps to stderr)."""
+    """Rate and ETA for long loops (printed every ``every`` steps to stderr); ``unit`` names what is
+    counted (``"steps"``: ``step 10/100 | 2.0 steps/s``; e.g. ``"images"``: ``images 10/100 | 2.0
+    images/s``)."""
 
-    def __init__(self, total: int, start: int = 0, every: int = 50, name: str = "train"):
-        self.total, self.start, self.every, self.name = total, start, every, name
+    def __init__(self, total: int, start: int = 0, every: int = 50, name: str = "train",
+                 unit: str = "steps"):
+        self.total, self.start, self.every, self.name, self.unit = total, start, every, name, unit
         self.t0 = time.time()
 
     def rate(self, step: int) -> float:
@@ -64,8 +67,9 @@ class Progress:
         r = self.rate(step)
         eta = (self.total - step) / r if r > 0 else float("inf")
         eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if np.isfinite(eta) else "?"
-        return (f"[{self.name}] step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%) "
-                f"| {r:.2f} steps/s | ETA {eta_s} {extra}")
+        what = "step" if self.unit == "steps" else self.unit
+        return (f"[{self.name}] {what} {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%) "
+                f"| {r:.2f} {self.unit}/s | ETA {eta_s} {extra}")
 
     def maybe_print(self, step: int, extra: str = ""):
         if jax.process_index() == 0 and (step % self.every == 0 or step == self.total):
