@@ -222,3 +222,32 @@ def test_instance_state_is_sharded_over_devices(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "spec P('data',) ema P()" in out.stdout, out.stdout
     assert "'update': 1" in out.stdout
+
+
+def test_pixel_range_box_is_used_for_training_evaluation_and_certification(tmp_path):
+    """One threat constructor: a run on [-1, 1] pixels is trained, attacked and certified in [-1, 1]."""
+    from configs.certify import table3_6
+    from configs.eval import pgd20
+    from experiments.certify import certify_run
+    from experiments.evaluate import evaluate
+    wd = str(tmp_path)
+    c = tiny_config(**{"data.pixel_range": (-1.0, 1.0), "train.num_steps": 6})
+    summary = train(c, wd)
+    assert summary["threat"]["box"] == [-1.0, 1.0]
+    run = load_trained(wd)
+    assert run.threat.box == (-1.0, 1.0)
+    x = run.dataset.split("test").get(np.arange(64))["image"]
+    assert x.min() == -1.0 and x.max() == 1.0
+    e = pgd20.get_config("smoke")
+    e.threat.eps, e.save_adversarial = 0.3, True
+    out = evaluate(e, wd)
+    assert out["threat"]["box"] == [-1.0, 1.0]
+    with open(os.path.join(wd, "eval.json")) as f:
+        assert json.load(f)["threat"]["box"] == [-1.0, 1.0]
+    adv = np.load(os.path.join(wd, "eval_adversarial.npz"))["x_adv"]
+    assert adv.min() >= -1.0 - 1e-6 and adv.max() <= 1.0 + 1e-6 and adv.min() < -0.5  # not clipped to [0, 1]
+    cc = table3_6.get_config("smoke")
+    cc.milp.enabled = False
+    certify_run(cc, wd)
+    with open(os.path.join(wd, "certify.json")) as f:
+        assert json.load(f)["threat"]["box"] == [-1.0, 1.0]
