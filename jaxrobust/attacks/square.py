@@ -106,10 +106,10 @@ def square(logits_fn, x, y, key, threat: ThreatModel, *, n_queries: int = 5000,
         raise ValueError("Square attack does not support per-feature eps.")
     if threat.norm not in ("linf", "l2"):
         raise ValueError(f"Square attack supports 'linf' and 'l2', got {threat.norm!r}.")
+    check_attack_inputs(logits_fn, x, y, threat, name="square")
     if x.ndim not in (2, 4):
         raise ValueError(f"Square attack needs NHWC images (B, H, W, C) or flat vectors (B, d), "
                          f"got shape {x.shape}.")
-    check_attack_inputs(logits_fn, x, y, threat, name="square")
     if x.ndim == 2:
         if x.shape[1] < 2:
             raise ValueError(f"Square attack needs at least 2 features, got shape {x.shape}.")
