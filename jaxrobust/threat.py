@@ -296,4 +296,3 @@ class ThreatModel:
             rad = jax.random.uniform(k2, (shape[0],), x0.dtype) ** (1.0 / d)
             u = g * rad.reshape((-1,) + (1,) * (x0.ndim - 1))
         return self.project(x0, x0 + u * scale)
-
