@@ -251,3 +251,23 @@ def test_pixel_range_box_is_used_for_training_evaluation_and_certification(tmp_p
     certify_run(cc, wd)
     with open(os.path.join(wd, "certify.json")) as f:
         assert json.load(f)["threat"]["box"] == [-1.0, 1.0]
+
+
+def _nan_after(ctx, params, model_state, extra, batch, key, step):
+    logits, new_state = forward_train(ctx.model, params, model_state, batch["image"])
+    ce, acc = ce_and_accuracy(logits, batch["label"], batch["mask"])
+    ce = jnp.where(step >= 5, jnp.nan, ce)  # diverges at the 6th update
+    return ce, ObjectiveOutput(new_state, {}, {"loss": ce})
+
+
+register("test_nan_after_5", Objective(init=None, loss=_nan_after))
+
+
+def test_nan_loss_stops_run_and_keeps_last_finite_checkpoint(tmp_path):
+    c = tiny_config(**{"objective.name": "test_nan_after_5", "train.num_steps": 20,
+                       "train.checkpoint_every_steps": 4, "train.log_every": 2})
+    with pytest.raises(FloatingPointError, match="NaN/inf at step 6.*last finite checkpoint is step 4"):
+        train(c, str(tmp_path))
+    run = load_trained(str(tmp_path))
+    assert run.step == 4
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(run.variables))

@@ -202,7 +202,8 @@ def create_train_state(model, input_shape, tx, objective: jobj.Objective, ctx, *
         extra = objective.init_extra(ctx, params, n_train, input_shape)
         extra = _pad_instance(extra, n_train, rows)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                          opt_state=tx.init(params), key=state_key, extra=extra, tx=tx)
+                          opt_state=tx.init(params), key=state_key, extra=extra,
+                          nonfinite_step=jnp.full((), -1, jnp.int32), tx=tx)
 
     if mesh is None:
         return jax.jit(init)()
@@ -257,11 +258,20 @@ def make_update_fn(ctx, objective: jobj.Objective, lr_schedule, augment: str,
             extra = {**extra, "instance": inst}
         if objective.after_update is not None:
             extra = objective.after_update(ctx, params, extra, state.step)
-        metrics = dict(out.metrics, grad_norm=optax.global_norm(grads), lr=lr_schedule(state.step))
+        grad_norm = optax.global_norm(grads)
+        metrics = dict(out.metrics, grad_norm=grad_norm, lr=lr_schedule(state.step))
         for name, sched in ctx.schedules.items():
             metrics.setdefault(name, sched(state.step))
-        new_state = state.replace(step=state.step + 1, params=params, model_state=out.model_state,
-                                  opt_state=opt_state, extra=extra)
+        new_state = state.replace(params=params, model_state=out.model_state, opt_state=opt_state,
+                                  extra=extra)
+        # A non-finite loss or gradient leaves the state as it was (the last finite one) and records
+        # the step; the loop stops there without checkpointing the step.
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.nonfinite_step < 0)
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        new_state = new_state.replace(
+            step=state.step + 1,
+            nonfinite_step=jnp.where(finite | (state.nonfinite_step >= 0), state.nonfinite_step,
+                                     state.step))
         return new_state, metrics
 
     return update
@@ -399,6 +409,8 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                                                  steps_per_sec=progress.rate(step)))
                 progress.maybe_print(step, " ".join(f"{k}={float(v):.4f}" for k, v in
                                                     last_metrics.items() if np.ndim(v) == 0))
+            if step % config.train.log_every == 0 or step % ckpt_every == 0 or step == total:
+                _raise_if_nonfinite(state, ckpt, writer)
             stop = any([bool(cb(step, state)) for cb in callbacks])
             if eval_every and step % eval_every == 0 and step < total and not stop:
                 evaluate(step)
@@ -410,6 +422,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
                 return {"stopped_at": step, "compiles": dict(traces)}
             if step >= total:
                 break
+    _raise_if_nonfinite(state, ckpt, writer)
     ckpt.save(step, state.checkpoint_tree())  # no-op if this step is saved already
     ckpt.close()
     final = evaluate(step)
@@ -425,6 +438,20 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         os.replace(tmp, os.path.join(workdir, "summary.json"))
     writer.close()
     return summary
+
+
+def _raise_if_nonfinite(state: TrainState, ckpt: Checkpointer, writer: MetricWriter) -> None:
+    bad = int(state.nonfinite_step)
+    if bad < 0:
+        return
+    ckpt.close()
+    writer.close()
+    last = ckpt.latest_step()
+    where = (f"The last finite checkpoint is step {last} in {ckpt.directory} (resuming continues "
+             f"from it)." if last is not None else "No checkpoint was written before it.")
+    raise FloatingPointError(
+        f"The loss or its gradient became NaN/inf at step {bad + 1}; training stopped. {where} "
+        "Lower optimizer.lr, set optimizer.clip_norm, or check the data and the objective.")
 
 
 def _initialize_distributed():

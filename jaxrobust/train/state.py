@@ -21,6 +21,8 @@ class TrainState:
     opt_state: Any
     key: jax.Array
     extra: Any
+    # -1, or the step whose loss/gradient was not finite (its update and all later ones were skipped).
+    nonfinite_step: jax.Array
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
 
     def variables(self):
