@@ -67,6 +67,13 @@ def base_config() -> ml_collections.ConfigDict:
     # Named scalar schedules a method declares (κ, β of CROWN-IBP, λ, α ...): name -> schedule_config
     # with its base `value`; ctx.schedules[name] in objectives.
     c.objective.schedules = ml_collections.ConfigDict()
+    # trades / mart / awp* (jaxrobust/train/adversarial.py): KL weight β (objective.schedules.beta
+    # overrides it), EMA of the weights in extra['ema'] (0 = off), AWP relative size γ and base method.
+    c.objective.beta = 6.0
+    c.objective.ema_decay = 0.0
+    c.objective.awp = ml_collections.ConfigDict()
+    c.objective.awp.gamma = 5e-3
+    c.objective.awp.base = "pgd_at"  # objective 'awp': pgd_at | trades | mart
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"  # sgd | adam | adamw
