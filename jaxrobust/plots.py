@@ -91,10 +91,22 @@ def plot_bounding_maps(images, maps: Sequence, path, *, row_titles=None, col_tit
     return _save(fig, path)
 
 
+# Distinct looks per curve (Fig 3.9 compares curves that often coincide: Alg 3.5 and binary search
+# find nearly the same radii): colour, line style and marker; the first curve is the widest and drawn
+# lowest, each later one thinner, dashed and above it, so coinciding curves all stay visible.
+_CURVE_STYLES = (dict(color="C1", ls="-", marker="o", lw=2.2), dict(color="C0", ls="--", marker="s", lw=1.4),
+                 dict(color="C2", ls=":", marker="^", lw=1.4), dict(color="C4", ls="-.", marker="D", lw=1.4))
+_HATCHES = ("", "//", "\\\\", "..")
+
+
 def plot_radius_distribution(radii: Dict[str, np.ndarray], path, *, eps=None, xlabel="certified radius"):
     """Fig 3.9: histograms (shared bins) of the optimal certified bound per input on the left, and the
     certified-accuracy curve (fraction of inputs with radius >= r, vs r) on the right; a red
-    vertical line at the target ``eps`` if given."""
+    vertical line at the target ``eps`` if given, with its own legend entry on both panels.
+
+    Each method has its own colour, line style, marker and hatch; the first curve is the widest and
+    lowest, later ones thinner and dashed above it, so curves that coincide (Alg 3.5 vs binary
+    search) remain visible."""
     if not radii:
         raise ValueError("radii must map at least one name to an array of radii.")
     arrs = {k: np.asarray(v, float).reshape(-1) for k, v in radii.items()}
@@ -110,13 +122,17 @@ def plot_radius_distribution(radii: Dict[str, np.ndarray], path, *, eps=None, xl
     bins = np.linspace(0, top, 31)
     r = np.linspace(0, top * 1.02, 300)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-    for k, v in arrs.items():
-        a1.hist(v, bins=bins, alpha=0.5, label=k)
-        a2.plot(r, (v[None, :] >= r[:, None]).mean(1), label=k)
+    for i, (k, v) in enumerate(arrs.items()):
+        st = _CURVE_STYLES[i % len(_CURVE_STYLES)]
+        z = 3 + i  # wide first curve below, thinner dashed ones over it
+        a1.hist(v, bins=bins, histtype="stepfilled", alpha=0.35, color=st["color"],
+                hatch=_HATCHES[i % len(_HATCHES)], edgecolor=st["color"], lw=1.2, label=k, zorder=z)
+        a2.plot(r, (v[None, :] >= r[:, None]).mean(1), color=st["color"], ls=st["ls"], lw=st["lw"],
+                marker=st["marker"], markevery=(i * 7, 30), ms=5, label=k, zorder=z)
     for a in (a1, a2):
         a.set_xlabel(xlabel)
         if eps is not None:
-            a.axvline(float(eps), color="r", ls="-", lw=1.2, label=f"target ε = {float(eps):.4g}" if a is a2 else None)
+            a.axvline(float(eps), color="r", ls="-", lw=1.2, label=f"target ε = {float(eps):.4g}", zorder=2)
     a1.set_ylabel("inputs")
     a2.set_ylabel("fraction certified at radius ≥ r")
     a2.set_ylim(0, 1.02)

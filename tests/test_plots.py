@@ -99,3 +99,47 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="N >= 2"):
         plots.plot_cosine_similarity(np.zeros((1, 4)), tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def _capture(monkeypatch):
+    """Keeps the figure and its rendered pixels (RGB, rows top-down) when a plot function saves."""
+    got = {}
+    orig = plots._save
+
+    def save(fig, path):
+        fig.canvas.draw()
+        got["fig"], got["img"] = fig, np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int).copy()
+        return orig(fig, path)
+    monkeypatch.setattr(plots, "_save", save)
+    return got
+
+
+def _pixels_of(img, ax, color, exclude=()):
+    """Pixels inside ``ax`` (outside the ``exclude`` artists, e.g. the legend) of ``color``."""
+    from matplotlib.colors import to_rgb
+    rgb = np.array(to_rgb(color)) * 255
+    h = img.shape[0]
+    mask = np.zeros(img.shape[:2], bool)
+    b = ax.get_window_extent()
+    mask[int(h - b.y1):int(h - b.y0), int(b.x0):int(b.x1)] = True
+    for art in exclude:
+        e = art.get_window_extent()
+        mask[int(h - e.y1) - 2:int(h - e.y0) + 2, int(e.x0) - 2:int(e.x1) + 2] = False
+    return int(np.sum(mask & (np.abs(img - rgb).max(-1) < 40)))
+
+
+def test_fig3_9_target_in_legend_and_coinciding_curves_visible(tmp_path, monkeypatch):
+    """Alg 3.5 and binary search often find the same radii: both curves must show (the first used to
+    be painted over), and the target ε line has a legend entry on both panels."""
+    got = _capture(monkeypatch)
+    r = np.random.default_rng(3).uniform(0, 0.06, 200)
+    plots.plot_radius_distribution({"Alg 3.5 (PEC)": r, "binary search": r.copy()}, tmp_path / "f39.png", eps=0.03)
+    a1, a2 = got["fig"].axes
+    for a in (a1, a2):
+        assert "target ε = 0.03" in [t.get_text() for t in a.get_legend().get_texts()]
+    lines = {ln.get_label(): ln for ln in a2.get_lines()}
+    alg, bs = lines["Alg 3.5 (PEC)"], lines["binary search"]
+    assert (alg.get_color(), alg.get_linestyle(), alg.get_marker()) != (bs.get_color(), bs.get_linestyle(),
+                                                                       bs.get_marker())
+    for ln in (alg, bs):  # each identical curve has plenty of its own colour on the plot, not just the legend
+        assert _pixels_of(got["img"], a2, ln.get_color(), exclude=[a2.get_legend()]) > 300, ln.get_label()
