@@ -89,8 +89,9 @@ def _checkpoints(wd):
     return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if d.is_dir() else []
 
 
-@pytest.mark.parametrize("sig,code,when", [(signal.SIGINT, 130, "training"),
-                                           (signal.SIGTERM, 143, "compilation")])
+@pytest.mark.parametrize("sig,code,when", [
+    (signal.SIGINT, 130, "training"),
+    pytest.param(signal.SIGTERM, 143, "compilation", marks=pytest.mark.slow)])
 def test_interrupt_exits_cleanly_and_resumes(tmp_path, sig, code, when):
     """Ctrl-C / SIGTERM: status 130 / 143, no 'Fatal Python error' (the interpreter teardown while XLA
     threads run), one line saying how to resume; the same run then resumes from its checkpoint."""
@@ -133,9 +134,10 @@ def test_imports_register_an_objective_from_the_command_line(tmp_path):
     pkg = tmp_path / "my_pkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "my_objectives.py").write_text(
-        "from jaxrobust.train.objectives import get_objective, register\n"
-        "register('my_cli_objective')(get_objective('standard'))\n")
+    readme = open(os.path.join(REPO, "README.md")).read()  # the README's example module, verbatim
+    start = readme.index("# my_pkg/my_objectives.py")
+    code = readme[start:readme.index("```", start)].replace('"my_method"', '"my_cli_objective"')
+    (pkg / "my_objectives.py").write_text(code)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     base = TRAIN + [f"--workdir={tmp_path / 'run'}", "--config.objective.name=my_cli_objective",
                     "--config.train.num_steps=2"]
