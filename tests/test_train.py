@@ -97,12 +97,14 @@ def test_four_fake_devices_equal_one_device(tmp_path):
     code = textwrap.dedent(f"""
         import sys, numpy as np, jax
         sys.path.insert(0, {REPO!r}); sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from test_train import tiny_config
+        from test_train_platform import platform_config
         from jaxrobust.train import train, load_trained
         wd = sys.argv[1]
-        train(tiny_config(**{{'train.num_steps': 4, 'model.name': 'cnn_small',
-                             'model.kwargs': {{}}}}), wd)
-        flat = jax.tree_util.tree_flatten_with_path(load_trained(wd).variables)[0]
+        # an objective with per-instance state (sharded over the devices), EMA weights and a frozen layer
+        train(platform_config(**{{'train.num_steps': 4, 'model.name': 'cnn_small',
+                                 'model.kwargs': {{}}}}), wd)
+        run = load_trained(wd)
+        flat = jax.tree_util.tree_flatten_with_path({{'v': run.variables, 'extra': run.extra}})[0]
         np.savez(wd + '/params.npz', **{{jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}})
         print('devices', jax.device_count())
     """)
