@@ -61,8 +61,9 @@ def evaluate(config, workdir):
     state_path = os.path.join(workdir, "eval_state.npz" if count == 1 else f"eval_state.{pid}of{count}.npz")
     if not config.resume and os.path.exists(state_path):
         os.remove(state_path)
+    key = jax.random.PRNGKey(config.seed)  # one process: the same key as ever (reproducible numbers)
     res = evaluate_robustness(run_.logits_fn, batch["image"], batch["label"],
-                              jax.random.fold_in(jax.random.PRNGKey(config.seed), pid), threat,
+                              key if count == 1 else jax.random.fold_in(key, pid), threat,
                               attacks=tuple(config.attacks), mode=config.mode, batch_size=config.batch_size,
                               state_path=state_path, n_iter=config.n_iter, n_queries=config.n_queries,
                               pgd_steps=config.pgd_steps, pgd_restarts=config.pgd_restarts,

@@ -178,3 +178,21 @@ def test_process_slices_cover_every_example_once(n, k):
     np.testing.assert_array_equal(single["v"], np.arange(n) * 2)
     with pytest.raises(ValueError, match="process_index"):
         process_slice(n, k, k)
+
+
+def test_evaluate_combines_process_results_by_counts():
+    """Two processes with 3 and 2 examples: accuracies are the pooled counts / 5, seconds the slowest."""
+    from experiments.evaluate import combine_process_results
+    r0 = {"num_examples": 3, "clean_accuracy": 2 / 3, "worst_case_robust_accuracy": 1 / 3, "mode": "standard",
+          "robust_accuracy": {"apgd-ce": 1 / 3}, "seconds": {"apgd-ce": 2.0}, "warnings": []}
+    r1 = dict(r0, num_examples=2, clean_accuracy=1.0, worst_case_robust_accuracy=0.5,
+              robust_accuracy={"apgd-ce": 0.5}, seconds={"apgd-ce": 5.0})
+    trees = []
+    for r, n in ((r0, 3), (r1, 2)):  # what each process contributes to the all-gather
+        combine_process_results(r, n, allgather=lambda t: trees.append(t) or {k: v[None] for k, v in t.items()})
+    gathered = {k: np.stack([t[k] for t in trees]) for k in trees[0]}
+    out = combine_process_results(r0, 3, allgather=lambda t: gathered)
+    assert out["num_examples"] == 5 and out["clean_accuracy"] == 4 / 5
+    assert out["worst_case_robust_accuracy"] == 2 / 5 and out["robust_accuracy"] == {"apgd-ce": 2 / 5}
+    assert out["seconds"] == {"apgd-ce": 5.0}
+    assert combine_process_results(r0, 3) is r0  # one process: unchanged
