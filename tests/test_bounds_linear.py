@@ -8,7 +8,7 @@ Cost notes (budget: ~80 s for the default run on two cores). XLA compiles one pr
 op reuses the compiled primitives across methods, norms and threat structures (each call after the
 first costs 0.1-0.5 s on the fc nets). So on the small fc nets the bound calls run op by op, while the
 sampling + attack (loops) are one jitted program per network and threat structure, and the conv nets
-are jitted. The 'tight' sigmoid relaxation compiles its bisection loop on every op-by-op call
+are jitted. The tangent sigmoid relaxations compiles its bisection loop on every op-by-op call
 (~1-2 s), so the default run uses it on one sigmoid row only; its lines are checked at scalar level on
 every kind of interval. The zoo's conv nets (cnn_small, ResNet stage, LeNet) and the rest of the
 (net, norm, threat) matrix are marked slow; the default run has a small conv + max-pooling net and a
@@ -24,13 +24,15 @@ import pytest
 from jaxrobust.attacks import pgd
 from jaxrobust.bounds import (UnsupportedPrimitiveError, crown_bounds, geometry, linear_spec_bounds,
                               margin_bounds)
-from jaxrobust.bounds.linear import _relu_lines, _sigmoid_lines
+from jaxrobust.bounds.relaxations import SIGMOID_RELAXATIONS
+from jaxrobust.bounds.relaxations import relu_lines as _relu_lines
+from jaxrobust.bounds.relaxations import sigmoid_lines as _sigmoid_lines
 from jaxrobust.models import create_model, init_variables
 from jaxrobust.threat import ThreatModel
 
 METHODS = ("crown", "fastlin", "crown_ibp", "ibp_linear", "ibp")
 LINEAR_METHODS = ("crown", "fastlin", "crown_ibp", "ibp_linear")
-TIGHT = ("crown", "crown_ibp")  # methods that use the 'tight' sigmoid relaxation by default
+TIGHT = ("crown", "crown_ibp")  # methods that use the 'midpoint_tangent' sigmoid relaxation (a bisection loop) by default
 K = 5  # classes
 
 # ----------------------------------------------------------------------------- networks
@@ -205,11 +207,11 @@ ALL = lambda ti: METHODS  # noqa: E731
 SLOW = pytest.mark.slow
 SCALAR_BOX, PER_FEATURE_NO_BOX = 0, 1
 
-ANALYTIC = ("fastlin", "ibp_linear", "ibp")  # the methods without the 'tight' bisection loop
+ANALYTIC = ("fastlin", "ibp_linear", "ibp")  # the methods without the tangent relaxations' bisection loop
 
 # (network, norm, threat, methods). Each row costs one compiled sampling + PGD program (~2-4 s), and
-# every op-by-op call of a 'tight' sigmoid method ~2 s, so the default run covers each norm with one
-# threat kind per row (alternating), and the 'tight' relaxation on one sigmoid row (it is checked on
+# every op-by-op call of a tangent-relaxation sigmoid method ~2 s, so the default run covers each norm with one
+# threat kind per row (alternating), and the tangent relaxation on one sigmoid row (it is checked on
 # every kind of interval at scalar level); every other combination is slow.
 _DEFAULT_FC = {
     ("fc_relu", "linf", SCALAR_BOX, "all"), ("fc_relu", "l2", PER_FEATURE_NO_BOX, "all"),
@@ -259,13 +261,13 @@ def test_every_method_is_exact_at_zero_eps(name):
     y = jnp.argmax(f(x), -1)
     z = f(x)
     threats = [ThreatModel("linf", 0.0), ThreatModel("l2", 0.0, box=None)]
-    for tm in threats[:2 if name == "fc_relu" else 1]:  # (op-by-op 'tight' calls cost ~1-2 s each)
+    for tm in threats[:2 if name == "fc_relu" else 1]:  # (op-by-op tangent-relaxation calls cost ~1-2 s each)
         for method in METHODS:
             lo, hi = crown_bounds(f, x, tm, method=method)
             np.testing.assert_allclose(lo, z, atol=1e-4, err_msg=f"{method} {tm.norm}")
             np.testing.assert_allclose(hi, z, atol=1e-4, err_msg=f"{method} {tm.norm}")
             if name != "fc_relu" and method in TIGHT:
-                continue  # (the interval bounds above suffice for the tight relaxation)
+                continue  # (the interval bounds above suffice for the tangent relaxation)
             mb = margin_bounds(f, x, y, tm, method=method)
             margins = jnp.take_along_axis(z, y[:, None], 1) - z
             np.testing.assert_allclose(mb.lower, margins, atol=1e-4, err_msg=f"{method} {tm.norm}")
@@ -392,7 +394,7 @@ SIGMOIDS = {"logistic": lambda z: 0.5 * (1.0 + np.tanh(0.5 * z)), "tanh": np.tan
 
 def _sigmoid_line_fns():
     return {(name, mode): jax.jit(functools.partial(_sigmoid_lines, name, mode=mode))
-            for name in SIGMOIDS for mode in ("analytic", "tight")}
+            for name in SIGMOIDS for mode in SIGMOID_RELAXATIONS}
 
 
 def test_sigmoid_and_relu_lines_are_sound():
@@ -417,7 +419,7 @@ def test_sigmoid_lines_are_sound_for_intermediate_widths(name):
     width = 10.0 ** rng.uniform(-5, np.log10(0.5), 300)
     lo = (centre - width / 2).astype(np.float32)
     hi = (centre + width / 2).astype(np.float32)
-    for mode in ("analytic", "tight"):
+    for mode in SIGMOID_RELAXATIONS:
         lines = _sigmoid_line_fns()[(name, mode)](jnp.asarray(lo), jnp.asarray(hi))
         _check_lines(SIGMOIDS[name], lines, lo, hi, f"{name}/{mode}", tol=1e-6)
 

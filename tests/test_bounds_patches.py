@@ -12,6 +12,7 @@ import pytest
 
 from jaxrobust.attacks import pgd
 from jaxrobust.bounds import crown_bounds, margin_bounds, patches
+from jaxrobust.bounds import backward as BW
 from jaxrobust.bounds import linear as L
 from jaxrobust.models import create_model, init_variables
 from jaxrobust.threat import ThreatModel
@@ -93,7 +94,7 @@ def _threat(kind, shape):
     return ThreatModel("l2", 0.2, per_feature_eps=pf, box=None)
 
 
-# The tight sigmoid/tanh relaxation (a bisection loop) triples compile times; the patch pass
+# The tangent sigmoid/tanh relaxations (a bisection loop) triples compile times; the patch pass
 # treats every relaxation's lines alike, so the analytic ones suffice here.
 KW = {"sigmoid": "analytic"}
 
@@ -217,13 +218,13 @@ def test_gradients_in_parameters_match_dense():
 # ----------------------------------------------------------------------------- geometry
 def _tape(f, shape):
     closed, _ = L._single_example_fn(f, shape, jnp.float32)
-    tape = L._Tape()
+    tape = BW.Tape()
     x = jnp.zeros(shape)
     xr = tape.new(shape, jnp.float32)
-    tape.iv[xr.id] = L.Interval(x - 0.1, x + 0.1)
-    tape.level[xr.id] = L._LOOSE
-    L._trace_tape(closed.jaxpr, closed.consts, [xr], tape, lambda *a: None)
-    acts = [[a for a in n.ins if isinstance(a, L._Ref)][0] for n in tape.nodes if n.kind == "act"]
+    tape.iv[xr.id] = BW.Interval(x - 0.1, x + 0.1)
+    tape.level[xr.id] = BW.LOOSE
+    BW.trace_tape(closed.jaxpr, closed.consts, [xr], tape, lambda *a: None)
+    acts = [[a for a in n.ins if isinstance(a, BW.Ref)][0] for n in tape.nodes if n.kind == "act"]
     return tape, xr, acts
 
 

@@ -27,18 +27,29 @@ pass runs. Everything is per example (vmapped by the caller), jit-able and diffe
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrobust.bounds.linear import (_Ref, _activation_lines, _pos_neg, maxpool_lines, min_linear,
-                                     node_function, strided_conv_transpose)
+from jax import lax
 
-_ELEMENTWISE = {"add", "add_any", "sub", "neg", "mul", "div", "convert_element_type", "copy",
-                "copy_p", "reduce_precision", "select_n"}
-_LAYOUT = {"reshape", "broadcast_in_dim", "squeeze", "expand_dims"}
+from jaxrobust.bounds import tape as T
+from jaxrobust.bounds.backward import (Ref, min_linear, node_activation_lines, node_function, pos_neg,
+                                       strided_conv_transpose)
+from jaxrobust.bounds.relaxations import ACTIVATION_LINES, maxpool_lines
+
+# Patch-form rule of every local primitive (see tape.PrimInfo.local): element-wise affine maps,
+# shape-preserving layout changes, spatial maps (convolution, pooling) and activations.
+PATCH_RULES = {p: "elementwise" for p in (lax.add_p, T.P.add_jaxvals_p, lax.sub_p, lax.neg_p, lax.mul_p,
+                                          lax.div_p, lax.convert_element_type_p, lax.copy_p,
+                                          lax.reduce_precision_p, lax.select_n_p)}
+PATCH_RULES.update({p: "layout" for p in (lax.reshape_p, lax.broadcast_in_dim_p, lax.squeeze_p)})
+PATCH_RULES.update({p: "spatial" for p in (lax.conv_general_dilated_p, lax.reduce_window_sum_p)})
+PATCH_RULES[lax.reduce_window_max_p] = "maxpool"
+PATCH_RULES.update({p: "act" for p in ACTIVATION_LINES})
 _NHWC = ((0, 3, 1, 2), (0, 3, 1, 2))  # lhs_spec, out_spec of an NHWC convolution
 # A window-crop convolution is pulled back by one dense (window_out x window_in) matrix when its
 # flop inflation over the convolution times min(C_in, C_out) is at most this (XLA:CPU runs
@@ -70,18 +81,20 @@ def _hwc(shape):
 
 
 def _deps(node):
-    return [a for a in node.ins if isinstance(a, _Ref)]
+    return [a for a in node.ins if isinstance(a, Ref)]
 
 
 def _spatial_params(node):
     """(strides, low paddings, kernel extents (k - 1)·d + 1) of a conv / pooling node."""
-    name = node.prim.name
     p = node.params
-    if name == "conv_general_dilated":
+    if node.prim is lax.conv_general_dilated_p:
         dn = p["dimension_numbers"]
-        if (tuple(dn.lhs_spec), tuple(dn.out_spec)) != _NHWC or any(v != 1 for v in p["lhs_dilation"]) \
-                or p.get("batch_group_count", 1) != 1 or not isinstance(node.ins[0], _Ref) \
-                or isinstance(node.ins[1], _Ref):
+        if (tuple(dn.lhs_spec), tuple(dn.out_spec)) != _NHWC:
+            raise NotLocal(f"convolution layout {_layout_name(dn)} (the patch form needs NHWC inputs "
+                           "and outputs)")
+        if any(v != 1 for v in p["lhs_dilation"]) \
+                or p.get("batch_group_count", 1) != 1 or not isinstance(node.ins[0], Ref) \
+                or isinstance(node.ins[1], Ref):
             raise NotLocal("convolution layout")
         k = [np.shape(node.ins[1])[d] for d in dn.rhs_spec[2:]]
         ext = [(kk - 1) * dd + 1 for kk, dd in zip(k, p["rhs_dilation"])]
@@ -102,12 +115,13 @@ def input_window(node, w: Window, tape) -> Window:
     name = node.prim.name
     deps = _deps(node)
     out_hwc = _hwc(tape.shape[node.out.id])
-    if name in ("conv_general_dilated", "reduce_window_sum", "reduce_window_max"):
+    rule = PATCH_RULES.get(node.prim)
+    if rule in ("spatial", "maxpool"):
         s, plo, ext = _spatial_params(node)
         return Window(tuple(a * b for a, b in zip(w.stride, s)),
                       tuple(o * ss - pp for o, ss, pp in zip(w.offset, s, plo)),
                       tuple((k - 1) * ss + e for k, ss, e in zip(w.size, s, ext)))
-    if name in _ELEMENTWISE or name in _LAYOUT or node.kind == "act":
+    if rule in ("elementwise", "layout", "act"):
         for a in deps:
             if _hwc(tape.shape[a.id]) != out_hwc or int(np.prod(tape.shape[a.id])) != int(np.prod(out_hwc)):
                 raise NotLocal(f"'{name}' broadcasts an input-dependent operand")
@@ -129,13 +143,12 @@ class Plan(NamedTuple):
     dense_cost: int
 
 
-def local_plan(tape, start_id: int, x_id: int) -> Optional[Plan]:
-    """Windows of the backward pass from ``start_id`` in patch form, or None if some node has no
-    patch rule or the patches would not be smaller than the dense rows."""
+def plan_or_reason(tape, start_id: int, x_id: int):
+    """(Plan, None) for a backward pass from ``start_id`` in patch form, or (None, why not)."""
     try:
         hwc = _hwc(tape.shape[start_id])
         if start_id == x_id or hwc[0] * hwc[1] <= 1:
-            return None
+            return None, "not a spatial layer"
         win = {start_id: Window((1, 1), (0, 0), (1, 1))}
         for ni in range(tape.producer[start_id], -1, -1):
             node = tape.nodes[ni]
@@ -145,17 +158,51 @@ def local_plan(tape, start_id: int, x_id: int) -> Optional[Plan]:
             for a in _deps(node):
                 win[a.id] = _union(win[a.id], w_in) if a.id in win else w_in
         if x_id not in win:
-            return None
-    except NotLocal:
-        return None
+            return None, "the layer does not depend on the input"
+    except NotLocal as e:
+        return None, str(e)
     patch = dense = 0
     for rid, w in win.items():
         h, wd, c = _hwc(tape.shape[rid])
         patch += w.size[0] * w.size[1] * c
         dense += h * wd * c
     if patch >= dense:
-        return None
-    return Plan(win, patch, dense)
+        return None, "the windows are not smaller than the maps"
+    return Plan(win, patch, dense), None
+
+
+def local_plan(tape, start_id: int, x_id: int) -> Optional[Plan]:
+    """Windows of the backward pass from ``start_id`` in patch form, or None if some node has no
+    patch rule or the patches would not be smaller than the dense rows."""
+    return plan_or_reason(tape, start_id, x_id)[0]
+
+
+_WARNED = set()
+# Dense identity rows of at least this many bytes per example make a fall-back worth a warning.
+_WARN_BYTES = 64 << 20
+
+
+def warn_dense_fallback(reason: str, n_rows: int, n_in: int, itemsize: int, where: str = "") -> None:
+    """Warns once per reason when a convolutional layer's CROWN bounds fall back to dense rows
+    because of its layout, with the memory those rows take per example."""
+    if not reason.startswith("convolution layout"):
+        return
+    nbytes = 2 * n_rows * n_in * itemsize  # lower and upper rows over the input
+    if nbytes < _WARN_BYTES or reason in _WARNED:
+        return
+    _WARNED.add(reason)
+    warnings.warn(f"CROWN intermediate bounds of a convolutional layer{(' at ' + where) if where else ''} "
+                  f"use dense rows, not receptive-field patches: {reason}. Dense rows take "
+                  f"{nbytes / 2 ** 20:.0f} MiB per example (times the batch under vmap); use NHWC "
+                  "convolutions for the patch form.", stacklevel=3)
+
+
+def _layout_name(dn) -> str:
+    letters = lambda spec, names: "".join(names[spec.index(i)] for i in range(len(spec)))
+    try:
+        return letters(tuple(dn.lhs_spec), "NCHW") + "->" + letters(tuple(dn.out_spec), "NCHW")
+    except (ValueError, IndexError):
+        return str(dn)
 
 
 # ----------------------------------------------------------------------------- window arrays
@@ -218,9 +265,8 @@ def _scatter_offsets(vals, offsets, stride, k_out, k_in):
 # ----------------------------------------------------------------------------- backward pass
 def _pull_spatial(node, lam, w_out: Window, w_in: Window, tape, grid, dep_id):
     """Rows (Hs, Ws, R, Kh, Kw, C) through a conv / pooling node (the non-relaxed part)."""
-    name = node.prim.name
     hs, ws, r = lam.shape[:3]
-    if name == "conv_general_dilated":
+    if node.prim is lax.conv_general_dilated_p:
         p = node.params
         kernel = node.ins[1]
         cin = _hwc(tape.shape[dep_id])[2]
@@ -284,26 +330,26 @@ def backward_local(tape, start_id: int, x_id: int, plan: Plan, opts):
         if paired and node.kind != "affine":
             lams = {k: jnp.concatenate([v, -v], axis=2) for k, v in lams.items()}
             lam, bias, paired = jnp.concatenate([lam, -lam], axis=2), jnp.concatenate([bias, -bias], 2), False
-        name = node.prim.name
         deps = _deps(node)
         w_in = input_window(node, w_out, tape)
         if node.kind == "act":
-            al, bl, au, bu = _activation_lines(node, tape.iv[deps[0].id], opts.relu, opts.sigmoid)
-            pos, neg = _pos_neg(lam)
+            al, bl, au, bu = node_activation_lines(node, tape.iv[deps[0].id], opts)
+            pos, neg = pos_neg(lam)
             ex = lambda a: extract(jnp.broadcast_to(a, tape.shape[rid]), w_out, grid)
             bias = bias + fold(pos * ex(bl) + neg * ex(bu))
             add(deps[0].id, pos * ex(al) + neg * ex(au), w_in)
         elif node.kind == "maxpool":
             dep = node.ins[0]
-            onehot, dominant, upper = maxpool_lines(tape.iv[dep.id], node.params, dtype)
-            pos, neg = _pos_neg(lam)
+            iv = tape.iv[dep.id]
+            onehot, dominant, upper = maxpool_lines(iv.lo, iv.hi, node.params, dtype)
+            pos, neg = pos_neg(lam)
             bias = bias + fold(neg * extract(upper, w_out, grid))
             lam_sel = pos + neg * extract(dominant, w_out, grid)
             offsets, s = _pool_offsets(node.params)
             vals = [lam_sel * extract(onehot[k], w_out, grid) for k in range(len(offsets))]
             g = _scatter_offsets(vals, offsets, s, w_out.size, w_in.size)
             add(dep.id, g * _mask(w_in, grid, _hwc(tape.shape[dep.id])[:2]).astype(dtype), w_in)
-        elif name in ("conv_general_dilated", "reduce_window_sum"):
+        elif PATCH_RULES[node.prim] == "spatial":
             dep = deps[0]
             g = _pull_spatial(node, lam, w_out, w_in, tape, grid, dep.id)
             add(dep.id, g * _mask(w_in, grid, _hwc(tape.shape[dep.id])[:2]).astype(dtype), w_in)
@@ -311,10 +357,11 @@ def backward_local(tape, start_id: int, x_id: int, plan: Plan, opts):
             dep_pos, h = node_function(node)
             zeros = [jnp.zeros(tape.shape[node.ins[i].id], tape.dtype[node.ins[i].id]) for i in dep_pos]
             h0 = h(*zeros)
-            if name not in _LAYOUT:
+            layout = PATCH_RULES[node.prim] == "layout"
+            if not layout:
                 bias = bias + fold(lam * extract(h0, w_out, grid))
             for k, i in enumerate(dep_pos):
-                if name in _LAYOUT:
+                if layout:
                     slope_p = None
                 else:
                     tangents = [jnp.ones_like(z) if j == k else jnp.zeros_like(z) for j, z in enumerate(zeros)]

@@ -50,7 +50,9 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from jaxrobust.bounds.linear import METHODS, _Ref, bound_graph, margin_bounds, node_function
+from jaxrobust.bounds.backward import Ref as _Ref
+from jaxrobust.bounds.linear import METHODS, bound_graph, margin_bounds, node_function
+from jaxrobust.bounds.relaxations import RELU_LIKE
 from jaxrobust.threat import ThreatModel
 
 STATUSES = ("verified", "falsified", "timeout", "misclassified")
@@ -134,7 +136,7 @@ def _check_supported(g) -> None:
             raise ValueError(f"milp_verify does not encode max pooling (primitive '{name}', at "
                              f"{n.where}); only affine layers and max/min with a constant (ReLU, "
                              "clipping) are supported.")
-        if n.kind == "act" and name not in ("max", "min"):
+        if n.kind == "act" and n.prim not in RELU_LIKE:
             raise ValueError(f"milp_verify cannot encode the activation primitive '{name}' (at "
                              f"{n.where}) exactly as a MILP; only ReLU-like max/min with a constant "
                              "are supported.")
