@@ -103,8 +103,12 @@ def test_checked_attacks_raise_inside_jit():
     plain = jax.jit(lambda x, y, k: attacks.pgd(fc, x, y, k, tm, steps=3))
     assert plain(x, y.at[2].set(K), k).shape == x.shape
     # Every checked variant validates (here: eagerly under checkify, no jit).
-    for name in ("fgsm", "apgd", "apgd_targeted", "fab", "square"):
-        f = checks.checked(lambda x, y, k, a=getattr(checks, name): a(fc, x, y, k, tm), jit=False)
+    small = {"fgsm": {}, "apgd": {"n_iter": 2}, "apgd_targeted": {"n_iter": 2, "n_target_classes": 2},
+             "fab": {"n_iter": 2, "n_target_classes": 2}, "square": {"n_queries": 2},
+             "multi_targeted_pgd": {"steps": 1}}
+    for name, kw in small.items():  # jit=False: checkify alone (no compile of the whole attack)
+        f = checks.checked(lambda x, y, k, a=getattr(checks, name), kw=kw: a(fc, x, y, k, tm, **kw),
+                           jit=False)
         with pytest.raises(ValueError, match="NaN"):
             f(x.at[0, 0, 0, 0].set(jnp.inf), y, k)
 
