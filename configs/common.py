@@ -74,6 +74,25 @@ def base_config() -> ml_collections.ConfigDict:
     c.objective.awp = ml_collections.ConfigDict()
     c.objective.awp.gamma = 5e-3
     c.objective.awp.base = "pgd_at"  # objective 'awp': pgd_at | trades | mart
+    # Fast AT (jaxrobust/train/fast_at.py, thesis §5.2): steps are fractions of ε.
+    c.objective.fast = ml_collections.ConfigDict()
+    c.objective.fast.fgsm_step = 1.25  # fgsm_rs: α = 1.25ε (Wong et al. 2020)
+    c.objective.fast.fgsm_ga_step = 1.0  # fgsm_ga: FGSM step from x
+    c.objective.fast.ga_lambda = 0.2  # fgsm_ga: GradAlign λ (objective.schedules.ga_lambda overrides)
+    c.objective.fast.nfgsm_noise = 2.0  # nfgsm: η ~ U(-2ε, 2ε)
+    c.objective.fast.nfgsm_step = 1.0  # nfgsm: α = ε, no projection onto the ε-ball
+    c.objective.fast.atta_step = 0.5  # atta: α = 4/255 at ε = 8/255 (ATTA-1)
+    c.objective.fast.cache_steps = 1  # atta: attack steps per update from the cached start
+    c.objective.fast.atas_rule = "released"  # atas: 'thesis' (eq. 5.16) | 'released' (clamped)
+    c.objective.fast.atas_c = 0.01  # atas: C of eq. 5.16 / c of the released rule (ImageNet 0.1)
+    c.objective.fast.atas_beta = 0.5  # atas: β of eq. 5.15
+    c.objective.fast.atas_alpha = 2.0  # atas 'thesis': α_i = 2ε at v = 0 (γ/C = 16/255 at 8/255)
+    c.objective.fast.free_replays = 8  # free: m
+    c.objective.fast.yopo_m = 5  # yopo: YOPO-m-n
+    c.objective.fast.yopo_n = 3
+    c.objective.fast.yopo_step = 0.25  # yopo: σ = 2/255 at ε = 8/255
+    c.objective.fast.cache_resolution = 0  # atta/atas/free: store δ at RxR (0 = full; ImageNet 32)
+    c.objective.fast.cache_dtype = "float32"  # or "bfloat16"
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"  # sgd | adam | adamw
@@ -102,6 +121,19 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every_steps = -1  # <= 0: every epoch
     c.train.keep_checkpoints = 3
     c.train.tensorboard = True
+    # Catastrophic-overfitting monitor (jaxrobust/train/monitors.py): FGSM/PGD accuracy on a fixed
+    # held-out batch every `every_epochs`; a collapse (PGD accuracy `drop` below its best while FGSM
+    # accuracy rises) is logged + warned; the best-PGD state is kept in WORKDIR/best_pgd.
+    c.train.monitor = ml_collections.ConfigDict()
+    c.train.monitor.enabled = False
+    c.train.monitor.every_epochs = 1.0
+    c.train.monitor.split = ""  # "" = 'validation' if the dataset has it, else 'test'
+    c.train.monitor.num_examples = 512
+    c.train.monitor.pgd_steps = 10
+    c.train.monitor.pgd_restarts = 1
+    c.train.monitor.drop = 0.2
+    c.train.monitor.keep_best = True
+    c.train.monitor.stop_on_collapse = False
 
     c.eval = ml_collections.ConfigDict()
     c.eval.splits = ("test",)
