@@ -11,7 +11,7 @@ from scipy.optimize import linprog, minimize
 from jaxrobust.attacks import apgd, pgd
 from jaxrobust.attacks.fab import fab
 from jaxrobust.bounds import margin_bounds
-from jaxrobust.certify import (certify, cosine_similarity_stats, hyperplane_distances,
+from jaxrobust.certify import (certified_radius_curve, certify, cosine_similarity_stats, hyperplane_distances,
                                nonuniform_bounds, optimal_eps_search, pec_radius, signed_distances)
 from jaxrobust.models import create_model, init_variables
 from jaxrobust.threat import ThreatModel
@@ -183,3 +183,100 @@ def test_errors():
         ThreatModel("linf", -0.1)
     with pytest.raises(ValueError, match="labels"):
         certify(f, x, y[:3], ThreatModel("linf", 0.1))
+
+
+# ----------------------------------------------------------------------------- memory-bounded chunks
+@pytest.mark.parametrize("norm", ["l2", pytest.param("linf", marks=pytest.mark.slow),
+                                  pytest.param("l1", marks=pytest.mark.slow)])
+def test_chunked_certify_equals_unchunked(norm):
+    """A tiny memory budget forces the 24 examples into chunks of 5 (the last one padded): the same
+    certificates as one chunk, with per-example ε and with per-example ε⃗."""
+    f, x, y = _relu_net()
+    from jaxrobust.certify.pec import bytes_per_example
+    per = bytes_per_example(f, x)
+    eps = jnp.linspace(0.01, 0.2 if norm == "linf" else 0.6, x.shape[0])
+    pf = jax.random.uniform(jax.random.PRNGKey(7), x.shape, minval=0.5, maxval=1.5)
+    for threat in (ThreatModel(norm, eps), ThreatModel(norm, 0.1, per_feature_eps=pf)):
+        whole = certify(f, x, y, threat)
+        part = certify(f, x, y, threat, memory_budget_bytes=5 * per)
+        for a, b in zip(whole, part):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        assert 0 < int(np.sum(np.asarray(whole.certified))) < x.shape[0]
+
+
+def test_chunked_search_equals_unchunked():
+    f, x, y = _relu_net()
+    from jaxrobust.certify.pec import bytes_per_example
+    small = 7 * bytes_per_example(f, x)  # chunks of 7: 24 = 3 x 7 + 3 (padded)
+    threat = ThreatModel("l2", 0.1)
+    a = optimal_eps_search(f, x, y, threat, eps_high=1.0, tol=1e-3)
+    b = optimal_eps_search(f, x, y, threat, eps_high=1.0, tol=1e-3, memory_budget_bytes=small)
+    for u, v in zip(a, b):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_chunked_curve_equals_unchunked():
+    f, x, y = _relu_net()
+    from jaxrobust.certify.pec import bytes_per_example
+    small = bytes_per_example(f, x) // 2  # one example per chunk
+    threat = ThreatModel("l2", 0.1)
+    grid = [0.05, 0.2]
+    for u, v in zip(certified_radius_curve(f, x, y, threat, grid),
+                    certified_radius_curve(f, x, y, threat, grid, memory_budget_bytes=small)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-6)
+
+
+def test_chunk_size_follows_the_budget():
+    f, x, y = _relu_net()
+    from jaxrobust.certify.pec import bytes_per_example, chunk_size
+    per = bytes_per_example(f, x)
+    # fc 10-32-32-4: rows 2*32+4 of max(10, 32) columns, float32, a few live copies
+    assert per == pytest.approx(4 * 68 * 32 * 4, rel=0.5)
+    assert chunk_size(f, x, 3 * per + 1) == 3
+    assert chunk_size(f, x, 1) == 1 and chunk_size(f, x, 10 ** 12) == x.shape[0]
+    for bad in (0, -5, 1.5, "1GB", True):
+        with pytest.raises(ValueError, match="memory_budget_bytes"):
+            certify(f, x, y, ThreatModel("linf", 0.1), memory_budget_bytes=bad)
+
+
+def test_no_box_pec_is_the_closed_form_distance():
+    """box=None: the distance to each margin hyperplane is (U_i x + p_i) / ||U_i||_q exactly."""
+    f, W, b = _linear()
+    x = jax.random.uniform(jax.random.PRNGKey(2), (5, D))
+    y = jnp.argmax(f(x), -1)
+    for norm, q in (("l2", 2), ("l1", np.inf), ("linf", 1)):
+        t = ThreatModel(norm, 1.0, box=None)
+        mb = margin_bounds(f, x, y, t)
+        d = np.asarray(hyperplane_distances(mb, x, y, t))
+        for n in range(5):
+            for i in range(K):
+                if i == int(y[n]):
+                    continue
+                a = W[:, int(y[n])] - W[:, i]
+                want = (np.asarray(x[n]) @ a + b[int(y[n])] - b[i]) / np.linalg.norm(a, q)
+                assert d[n, i] == pytest.approx(max(want, 0.0), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("bad", [4, -1])
+def test_out_of_range_labels_are_rejected(bad):
+    f, x, y = _relu_net()
+    yb = y.at[0].set(bad)
+    t = ThreatModel("linf", 0.1)
+    with pytest.raises(ValueError, match="labels"):
+        certify(f, x, yb, t)
+    with pytest.raises(ValueError, match="labels"):
+        optimal_eps_search(f, x, yb, t, eps_high=1.0)
+    with pytest.raises(ValueError, match="labels"):
+        certified_radius_curve(f, x, yb, t, [0.1])
+
+
+def test_entry_points_assert_shapes_under_jit():
+    """Under jit the eager checks cannot see values, but shapes are static: chex catches a label
+    vector of the wrong length there too."""
+    f, x, y = _relu_net()
+    t = ThreatModel("linf", 0.1)
+    with pytest.raises(AssertionError):
+        jax.jit(lambda x, y: certify(f, x, y, t))(x, y[:5])
+    with pytest.raises(TypeError, match="ThreatModel"):
+        certify(f, x, y, "linf")
