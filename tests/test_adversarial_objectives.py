@@ -415,3 +415,33 @@ def test_trains_end_to_end_and_resumes_bit_exactly(name, over, tmp_path):
         assert not np.allclose(a.extra["ema"]["Dense_0"]["kernel"], a.variables["params"]["Dense_0"]["kernel"])
     else:
         assert "ema" not in (a.extra or {})
+
+
+def test_demo_config_variants():
+    from configs import mnist5k_fc1_adv
+    for method in mnist5k_fc1_adv.METHODS:
+        c = mnist5k_fc1_adv.get_config(f"{method},ema,smoke")
+        assert c.objective.name == method and c.objective.ema_decay > 0 and c.train.num_steps == 4
+        assert with_defaults(c).objective.awp.base == "pgd_at"
+    assert mnist5k_fc1_adv.get_config("mart").objective.ema_decay == 0.0
+    for bad in ("sgd", "trades,fast"):
+        with pytest.raises(ValueError, match="Unknown config variant"):
+            mnist5k_fc1_adv.get_config(bad)
+
+
+@pytest.mark.slow
+def test_demo_config_smoke_through_the_command_line(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from test_train import REPO
+    out = subprocess.run([sys.executable, "-m", "experiments.train",
+                          "--config=configs/mnist5k_fc1_adv.py:awp_trades,ema,smoke",
+                          f"--workdir={tmp_path}", "--config.objective.beta=3.0"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(tmp_path / "summary.json") as f:
+        s = json.load(f)
+    assert s["steps"] == 4 and s["final_train_metrics"]["beta"] == 3.0
+    assert s["final_train_metrics"]["awp_norm"] > 0
+    assert load_trained(str(tmp_path), weights="ema").step == 4
