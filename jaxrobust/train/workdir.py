@@ -25,13 +25,15 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import jax
 
 # Keys that may differ between the stored config of a run and the config it is resumed with: how long
-# to train, how often to log / evaluate / checkpoint, what and where to evaluate, where the data lives
-# and how the job is launched. Everything else (data, model, threat, objective, optimizer, schedule,
-# seed, batch size) defines the trained model and must not change silently. ``*`` matches any suffix.
+# to train, how often to log / evaluate / checkpoint / monitor, what and where to evaluate, where the
+# data lives and how the job is launched. Everything else (data, model, threat, objective, optimizer,
+# schedule, seed, batch size) defines the trained model and must not change silently. A changed length
+# (num_epochs / num_steps) also rescales epoch-based lr and ε schedules from the resumed step on.
+# ``*`` matches any suffix.
 RESUMABLE_KEYS: Tuple[str, ...] = (
     "train.num_epochs", "train.num_steps", "train.log_every", "train.eval_every_epochs",
-    "train.checkpoint_every_steps", "train.keep_checkpoints", "train.stop_after_steps",
-    "train.tensorboard", "eval.*", "data.eval_batch_size", "data.data_dir", "distributed",
+    "train.checkpoint_every_steps", "train.keep_checkpoints", "train.tensorboard", "train.monitor.*",
+    "eval.*", "data.eval_batch_size", "data.data_dir", "distributed",
     "allow_config_changes", "imports",
 )
 
@@ -143,7 +145,7 @@ def prepare_workdir(config, workdir: str, *, allow_config_changes: Optional[bool
                     f"{workdir} holds a run trained with a different config; changed keys: "
                     f"{format_changes(fixed)}. Use another --workdir, or pass "
                     f"--config.allow_config_changes=True to resume this run with the new values "
-                    f"(only {', '.join(resumable)} may change freely).")
+                    f"(what may change freely: jaxrobust.train.workdir.RESUMABLE_KEYS).")
             if fixed and jax.process_index() == 0:
                 with open(os.path.join(workdir, "config_changes.jsonl"), "a") as f:
                     f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
