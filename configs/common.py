@@ -127,7 +127,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.monitor = ml_collections.ConfigDict()
     c.train.monitor.enabled = False
     c.train.monitor.every_epochs = 1.0
-    c.train.monitor.split = ""  # "" = 'validation' if the dataset has it, else 'test'
+    c.train.monitor.split = ""  # "" = 'val' (data.val_fraction > 0) if present, else 'test'
     c.train.monitor.num_examples = 512
     c.train.monitor.pgd_steps = 10
     c.train.monitor.pgd_restarts = 1

@@ -140,12 +140,12 @@ def cache_shape(input_shape, resolution: int = 0) -> Tuple[int, ...]:
 
 def cache_bytes(n_train: int, input_shape, resolution: int = 0, dtype: str = "float32",
                 num_devices: int = 1, with_v: bool = False) -> Tuple[int, int]:
-    """(total bytes, bytes per device) of the δ cache (and ATAS's v) of ``n_train`` examples, sharded
+    """(total bytes, bytes per device) of the δ cache (its flags, and ATAS's v) of ``n_train`` examples, sharded
     over ``num_devices`` (rows padded as the loop pads them)."""
     from jaxrobust.train.loop import instance_rows
     rows = instance_rows(n_train, num_devices)
     per = int(np.prod(cache_shape(input_shape, resolution))) * jnp.dtype(dtype).itemsize
-    total = rows * (per + (4 if with_v else 0))
+    total = rows * (per + 1 + (4 if with_v else 0))  # δ, the 'seen' flag, ATAS's v
     return total, total // max(num_devices, 1)
 
 
@@ -160,14 +160,15 @@ def _check_cache_cfg(f):
 
 
 def init_cache(ctx, n_train: int, input_shape, *, with_v: bool, name: str):
-    """``extra['instance']``: δ_i ~ U(ε-ball) (Alg. 5.3's uniform initialisation; kept inside the box
-    when first read) in ``cache_dtype`` at ``cache_resolution``, and v_i = 0 for ATAS."""
+    """``extra['instance']``: δ_i = 0 in ``cache_dtype`` at ``cache_resolution``, ``seen`` = False
+    (an example's first visit starts from U(ε-ball ∩ box) instead: Alg. 5.3's uniform initialisation,
+    drawn when the example's image is at hand so the stored δ always stays in the ball and the box),
+    and v_i = 0 for ATAS."""
     f = _fast(ctx)
     _check_cache_cfg(f)
     shape = cache_shape(input_shape, f.cache_resolution)
-    eps = float(ctx.threat.eps)
-    delta = jax.random.uniform(jax.random.PRNGKey(0), (n_train,) + shape, jnp.float32, -eps, eps)
-    inst = {"delta": delta.astype(f.cache_dtype)}
+    inst = {"delta": jnp.zeros((n_train,) + shape, f.cache_dtype),
+            "seen": jnp.zeros((n_train,), bool)}
     if with_v:
         inst["v"] = jnp.zeros((n_train,), jnp.float32)
     total, per_dev = cache_bytes(n_train, input_shape, f.cache_resolution, f.cache_dtype,
@@ -213,11 +214,14 @@ def write_cache(delta_aug, stored, batch, dtype):
     return back.astype(dtype)
 
 
-def cached_start(ctx, extra, batch, threat):
-    """The attack's start from the cache: x + δ_i (augmented frame) projected onto ball ∩ box."""
+def cached_start(ctx, extra, batch, threat, key):
+    """The attack's start from the cache: x + δ_i (augmented frame) projected onto ball ∩ box; a
+    uniform random point of ball ∩ box on the example's first visit."""
     x = batch["image"]
-    d = read_cache(extra["instance"]["delta"][batch["index"]], batch)
-    return threat.project(x, x + d)
+    inst = extra["instance"]
+    d = read_cache(inst["delta"][batch["index"]], batch)
+    seen = inst["seen"][batch["index"]]
+    return jnp.where(_rows(seen, x), threat.project(x, x + d), threat.random_init(key, x))
 
 
 # ----------------------------------------------------------------------------- ATAS step sizes
@@ -241,16 +245,16 @@ def atas_step_size(v, eps, *, rule: str, c: float, alpha: float = 2.0):
 
 
 # ----------------------------------------------------------------------------- ATTA / ATAS
-def cache_attack(ctx, params, model_state, extra, batch, step, *, adaptive: bool):
+def cache_attack(ctx, params, model_state, extra, batch, key, step, *, adaptive: bool):
     """The ATTA / ATAS inner step from the cache. Returns ``(x_adv, instance_updates, metrics)``."""
     f = _fast(ctx)
     x, y, mask = batch["image"], batch["label"], batch["mask"]
     eps = ctx.eps_at(step)
     threat = ctx.threat.replace(eps=eps)
     logits_fn = _attack_logits_fn(ctx, params, model_state)
-    xa = cached_start(ctx, extra, batch, threat)
+    xa = cached_start(ctx, extra, batch, threat, key)
     metrics = {"eps": eps}
-    updates = {}
+    updates = {"seen": jnp.ones_like(batch["mask"])}
     if adaptive:
         beta = _nonneg(f.atas_beta, "atas_beta")
         g = _mean_ce_grad(logits_fn, xa, y, mask)
@@ -275,14 +279,14 @@ def cache_attack(ctx, params, model_state, extra, batch, step, *, adaptive: bool
 
 def atta_loss(ctx, params, model_state, extra, batch, key, step):
     """ATTA (Zheng et al. 2020): ``cache_steps`` steps from the accumulated per-instance δ."""
-    xa, upd, m = cache_attack(ctx, params, model_state, extra, batch, step, adaptive=False)
+    xa, upd, m = cache_attack(ctx, params, model_state, extra, batch, key, step, adaptive=False)
     return _train_on(ctx, params, model_state, batch, xa, m, upd)
 
 
 def atas_loss(ctx, params, model_state, extra, batch, key, step):
     """ATAS (thesis Alg. 5.3): one step of the instance-adaptive size α_i (eq. 5.15-5.16) from the
     accumulated δ_i, then the parameter update on the result."""
-    xa, upd, m = cache_attack(ctx, params, model_state, extra, batch, step, adaptive=True)
+    xa, upd, m = cache_attack(ctx, params, model_state, extra, batch, key, step, adaptive=True)
     return _train_on(ctx, params, model_state, batch, xa, m, upd)
 
 
@@ -374,7 +378,7 @@ def fgsm_ga_loss(ctx, params, model_state, extra, batch, key, step):
 
 
 # ----------------------------------------------------------------------------- Free AT
-def free_replays(ctx, params, model_state, extra, batch, step, lr):
+def free_replays(ctx, params, model_state, extra, batch, key, step, lr):
     """Free-AT's m replays of one batch (Shafahi et al. 2019, Alg. 1): for r = 0..m−1, one
     forward/backward at (θ_r, x + δ_r) gives g_r = ∇_θ L and ∇_x L; θ_{r+1} = θ_r − lr·g_r and
     δ_{r+1} = Π(δ_r + ε·sign(∇_x L)). Returns (θ-gradients (g_0..g_{m−1}) summed, mean loss, mean
@@ -384,7 +388,7 @@ def free_replays(ctx, params, model_state, extra, batch, step, lr):
     x, y, mask = batch["image"], batch["label"], batch["mask"]
     eps = ctx.eps_at(step)
     threat = ctx.threat.replace(eps=eps)
-    xa = jax.lax.stop_gradient(cached_start(ctx, extra, batch, threat))
+    xa = jax.lax.stop_gradient(cached_start(ctx, extra, batch, threat, key))
 
     def loss_fn(p, ms, xin):
         logits, new_state = forward_train(ctx.model, p, ms, xin)
@@ -420,9 +424,10 @@ def free_loss(ctx, params, model_state, extra, batch, key, step):
     Configure ``train.num_epochs`` divided by m (Shafahi et al.: same number of passes)."""
     lr = ctx.schedules["free_lr"](step)
     grads, loss, acc, new_state, xa, eps = free_replays(ctx, params, model_state, extra, batch,
-                                                        step, lr)
+                                                        key, step, lr)
     upd = {"delta": write_cache(xa - batch["image"], extra["instance"]["delta"][batch["index"]],
-                                batch, _fast(ctx).cache_dtype)}
+                                batch, _fast(ctx).cache_dtype),
+           "seen": jnp.ones_like(batch["mask"])}
     sur = linear_surrogate(params, grads, loss)
     return sur, ObjectiveOutput(new_state, upd, {"loss": loss, "adv_accuracy": acc, "eps": eps,
                                                  "free_lr": lr})

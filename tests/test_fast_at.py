@@ -1,0 +1,448 @@
+"""Fast adversarial training (thesis §5.2, Alg. 5.3, Table 5.11): the ATTA/ATAS perturbation cache
+(alignment with crop/flip, ε-ball and box, bit-exact resume), ATAS's step sizes (eq. 5.15-5.16 and the
+released clamp), Free-AT's m updates per batch, N-FGSM's unprojected perturbation, GradAlign's
+regulariser, YOPO's first-layer adjoint, the catastrophic-overfitting monitor and the Table 5.11
+configs."""
+import json
+import os
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import table5_11
+from configs.common import schedule_config, with_defaults
+from jaxrobust.data.augment import apply_crop_flip
+from jaxrobust.models import forward_train
+from jaxrobust.train import (Objective, ObjectiveOutput, build_run, create_train_state,
+                             load_trained, make_update_fn, register, train)
+from jaxrobust.train import fast_at
+from jaxrobust.train.monitors import (CatastrophicOverfittingMonitor,
+                                      CatastrophicOverfittingWarning, monitors_from_config)
+from test_train import stop_at, tiny_config
+
+EPS = 0.1
+
+
+# ----------------------------------------------------------------------------- helpers
+def _recording_loss(ctx, params, model_state, extra, batch, key, step):
+    """ATAS, also storing the perturbation the step trained on and the batch's crop/flip."""
+    xa, upd, m = fast_at.cache_attack(ctx, params, model_state, extra, batch, key, step,
+                                      adaptive=True)
+    logits, new_state = forward_train(ctx.model, params, model_state, xa)
+    loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]))
+    upd = dict(upd, used=xa - batch["image"], offset=batch["crop_offset"], flip=batch["flip"])
+    return loss, ObjectiveOutput(new_state, upd, {"loss": loss, **m})
+
+
+def _recording_init(ctx, params, n_train, input_shape):
+    extra = fast_at.init_cache(ctx, n_train, input_shape, with_v=True, name="atas")
+    extra["instance"].update(used=jnp.zeros((n_train,) + tuple(input_shape)),
+                             offset=jnp.zeros((n_train, 2), jnp.int32),
+                             flip=jnp.zeros((n_train,), bool))
+    return extra
+
+
+register("test_atas_recorded", Objective(init=_recording_init, loss=_recording_loss))
+
+
+def cache_config(**overrides):
+    """digits (8x8x1), fc-32, crop+flip, batch 64: one epoch = 22 steps."""
+    return tiny_config(**{"objective.name": "test_atas_recorded", "data.augment": "crop_flip",
+                          "data.batch_size": 64, "train.num_steps": 22,
+                          "train.checkpoint_every_steps": 11, "threat.eps": EPS,
+                          "optimizer.lr": 0.2, **overrides})
+
+
+def _setup(config):
+    """(setup, state) of a config without training (for direct objective calls)."""
+    setup = build_run(with_defaults(config))
+    state = create_train_state(setup.model, setup.dataset.info.image_shape, setup.tx,
+                               setup.objective, setup.ctx, seed=0, n_train=setup.train_size)
+    return setup, state
+
+
+def _batch(setup, n=16, augment=False):
+    b = setup.dataset.split("train").get(np.arange(n))
+    b = {k: jnp.asarray(v) for k, v in b.items()}
+    b["mask"] = jnp.ones((n,), bool)
+    b["crop_offset"] = jnp.full((n, 2), 4, jnp.int32)
+    b["flip"] = jnp.zeros((n,), bool)
+    return b
+
+
+def _train_images(setup):
+    sp = setup.dataset.split("train")
+    b = sp.get(np.arange(len(sp)))
+    out = np.zeros((setup.train_size,) + b["image"].shape[1:], np.float32)
+    out[b["index"]] = b["image"]
+    return out
+
+
+# ----------------------------------------------------------------------------- the cache
+def test_cache_aligned_with_crop_flip_in_ball_and_box_and_resumes_bit_exactly(tmp_path):
+    c = cache_config()
+    c.train.monitor.enabled = True  # the monitor rides along (integration: metrics + best_pgd)
+    c.train.monitor.every_epochs = 0.5
+    c.train.monitor.num_examples = 64
+    c.train.monitor.pgd_steps = 3
+    full = str(tmp_path / "full")
+    setup, _ = _setup(c)
+    monitors = monitors_from_config(with_defaults(c), full, setup)
+    train(c, full, callbacks=monitors)
+    extra = load_trained(full).extra
+    inst = {k: np.asarray(v) for k, v in extra["instance"].items()}
+    seen = inst["seen"][:setup.train_size]
+    assert seen.sum() == 22 * 64  # one epoch: every example of the 22 batches visited once
+    delta, used = inst["delta"][seen], inst["used"][seen]
+    off, flip = inst["offset"][seen], inst["flip"][seen]
+    assert len(np.unique(off, axis=0)) > 10 and 0.2 < flip.mean() < 0.8
+    # re-augmenting the cached δ_i with the batch's crop/flip gives the δ that step trained on, on
+    # every pixel that came from the image (padding pixels are not stored)
+    realigned = np.asarray(apply_crop_flip(jnp.asarray(delta), jnp.asarray(off), jnp.asarray(flip)))
+    from_image = np.asarray(apply_crop_flip(jnp.ones_like(jnp.asarray(delta)), jnp.asarray(off),
+                                            jnp.asarray(flip))) > 0
+    assert from_image.mean() > 0.5 and np.abs(used).max() > 0.5 * EPS
+    np.testing.assert_array_equal(realigned[from_image], used[from_image])
+    # ε-ball and box, for every stored value (the un-augmented frame)
+    x = _train_images(setup)[seen]
+    assert np.abs(delta).max() <= EPS + 1e-6
+    assert (x + delta).min() >= -1e-6 and (x + delta).max() <= 1 + 1e-6
+    assert np.all(inst["v"][:setup.train_size][seen] > 0) and np.all(inst["v"][:setup.train_size][~seen] == 0)
+    # the monitor checked twice, logged to metrics.jsonl and kept its best-PGD state
+    lines = [json.loads(l) for l in open(os.path.join(full, "metrics.jsonl"))]
+    mon = [l for l in lines if l["split"] == "monitor"]
+    assert [l["step"] for l in mon] == [11, 22] and all("fgsm_accuracy" in l for l in mon)
+    assert os.path.isdir(os.path.join(full, "best_pgd", "checkpoints"))
+    for m in monitors:
+        m.close()
+    # killed mid-epoch and resumed == uninterrupted, extra state included (bit-exact)
+    res = str(tmp_path / "res")
+    assert train(cache_config(), res, callbacks=[stop_at(9)])["stopped_at"] == 9
+    train(cache_config(), res)
+    b = load_trained(res)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, extra),
+                 jax.tree.map(np.asarray, b.extra))
+
+
+def test_cache_downsampled_and_bf16_storage_and_memory():
+    shape = fast_at.cache_shape((224, 224, 3), 32)
+    assert shape == (32, 32, 3)
+    total, per_dev = fast_at.cache_bytes(1_281_167, (224, 224, 3), 32, "bfloat16", 8, with_v=True)
+    rows = -(-1_281_167 // 1024) * 1024
+    assert total == rows * (32 * 32 * 3 * 2 + 1 + 4) and per_dev == total // 8
+    full, _ = fast_at.cache_bytes(50_000, (32, 32, 3), 0, "float32", 1)
+    assert full == 50_176 * (32 * 32 * 3 * 4 + 1)
+    with pytest.raises(ValueError, match="cache_resolution needs"):
+        fast_at.cache_shape((784,), 16)
+    # write → read round trip through a 4x4 bf16 store of a smooth δ is close, and in the ball
+    n = 4
+    yy, xx = np.meshgrid(np.linspace(-1, 1, 8), np.linspace(-1, 1, 8), indexing="ij")
+    smooth = jnp.asarray(np.broadcast_to((0.05 * (yy + xx) / 2)[None, :, :, None], (n, 8, 8, 1)),
+                         jnp.float32)
+    batch = {"image": jnp.full((n, 8, 8, 1), 0.5), "crop_offset": jnp.full((n, 2), 4, jnp.int32),
+             "flip": jnp.zeros((n,), bool)}
+    stored = fast_at.write_cache(smooth, jnp.zeros((n, 4, 4, 1), jnp.bfloat16), batch, jnp.bfloat16)
+    assert stored.shape == (n, 4, 4, 1) and stored.dtype == jnp.bfloat16
+    back = fast_at.read_cache(stored, batch)
+    err = jnp.abs(back - smooth)  # bilinear: exact up to the half-pixel border effect
+    assert back.shape == (n, 8, 8, 1) and float(err.max()) < 0.015
+    assert float(err[:, 1:-1, 1:-1].max()) < 0.007
+    assert float(jnp.abs(back).max()) <= 0.05 + 1e-3
+
+
+def test_cache_config_errors():
+    c = cache_config(**{"objective.name": "atta"})
+    c.objective.fast.cache_dtype = "float16"
+    with pytest.raises(ValueError, match="cache_dtype must be one of"):
+        _setup(c)
+    c.objective.fast.cache_dtype = "float32"
+    c.objective.fast.atas_rule = "adam"
+    c.objective.name = "atas"
+    setup, state = _setup(c)
+    with pytest.raises(ValueError, match="atas_rule must be one of"):
+        fast_at.atas_loss(setup.ctx, state.params, state.model_state, state.extra, _batch(setup),
+                          jax.random.PRNGKey(0), 0)
+
+
+# ----------------------------------------------------------------------------- ATAS step sizes
+def test_atas_step_sizes_follow_eq_5_16_and_released_clamp():
+    eps = 8 / 255
+    v_prev = jnp.array([0.0, 0.5, 0.0, 1e-4])
+    # gradients with squared l2 norms 4, 0, 0, 1e-4 (hand-computed)
+    g = jnp.zeros((4, 2, 2, 1)).at[0, 0, 0, 0].set(2.0).at[3, 1, 1, 0].set(0.01)
+    v = fast_at.atas_preconditioner(v_prev, g, 0.5)
+    np.testing.assert_allclose(v, [2.0, 0.25, 0.0, 1e-4], rtol=1e-6)  # eq. 5.15, β = 0.5
+    # thesis eq. 5.16: α/√(v + C) with α = 2ε√C, C = 0.01
+    th = fast_at.atas_step_size(v, eps, rule="thesis", c=0.01, alpha=2.0)
+    np.testing.assert_allclose(th, [2 * eps * 0.1 / np.sqrt(2.01), 2 * eps * 0.1 / np.sqrt(0.26),
+                                    2 * eps, 2 * eps * 0.1 / np.sqrt(0.0101)], rtol=1e-6)
+    # released: clamp(2·(8/255)·c/(c + √v), 4/255, 14/255), c = 0.01
+    rel = fast_at.atas_step_size(v, eps, rule="released", c=0.01)
+    np.testing.assert_allclose(rel, [4 / 255, 4 / 255, 14 / 255, 8 / 255], rtol=1e-6)
+
+
+def test_atas_objective_uses_hand_computed_v_and_step(tmp_path):
+    """On a fixed batch with a cached δ = 0: v_new = β v + (1−β)‖∇_x mean-CE‖², and the step taken is
+    α_i·sign(∇) with eq. 5.16's α_i."""
+    c = cache_config(**{"objective.name": "atas", "data.augment": "none"})
+    c.objective.fast.atas_rule = "thesis"
+    c.objective.fast.atas_c = 1e-6
+    setup, state = _setup(c)
+    b = _batch(setup, 16)
+    b["image"] = jnp.clip(b["image"], 0.3, 0.7)  # far enough from the box for one step
+    inst = dict(state.extra["instance"])
+    inst["seen"] = inst["seen"].at[b["index"]].set(True)  # start from the cached δ = 0
+    v_prev = jnp.linspace(0.0, 2e-4, 16)
+    inst["v"] = inst["v"].at[b["index"]].set(v_prev)
+    extra = {**state.extra, "instance": inst}
+    xa, upd, m = fast_at.cache_attack(setup.ctx, state.params, state.model_state, extra, b,
+                                      jax.random.PRNGKey(1), 0, adaptive=True)
+    logits_fn = lambda x: setup.model.apply({"params": state.params, **state.model_state}, x)
+    g = jax.grad(lambda x: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        logits_fn(x), b["label"])))(b["image"])
+    sq = np.sum(np.square(np.asarray(g).reshape(16, -1)), 1)
+    v = 0.5 * np.asarray(v_prev) + 0.5 * sq
+    np.testing.assert_allclose(upd["v"], v, rtol=1e-5)
+    alpha = 2 * EPS * np.sqrt(1e-6) / np.sqrt(v + 1e-6)
+    assert alpha.min() < 0.9 * EPS  # some steps are not cut by the ε-ball
+    expect = np.clip(alpha[:, None, None, None] * np.sign(np.asarray(g)), -EPS, EPS)
+    np.testing.assert_allclose(np.asarray(xa - b["image"]), expect, atol=1e-6)
+    np.testing.assert_allclose(upd["delta"], expect, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- Free / N-FGSM / GA
+def _free_config(m):
+    c = cache_config(**{"objective.name": "free", "data.augment": "none"})
+    c.objective.fast.free_replays = m
+    c.optimizer.momentum, c.optimizer.weight_decay = 0.0, 0.0
+    c.schedule = schedule_config("constant")
+    c.objective.schedules.free_lr = schedule_config("constant", value=c.optimizer.lr)
+    return c
+
+
+def test_free_makes_m_parameter_updates_per_batch():
+    m, lr = 3, 0.2
+    setup, state = _setup(_free_config(m))
+    b = _batch(setup, 32)
+    key = jax.random.PRNGKey(3)
+    # the loop's own update step (SGD at lr, no momentum) on one batch
+    tx = optax.sgd(lr)
+    state = state.replace(opt_state=tx.init(state.params), tx=tx, key=key)
+    update = jax.jit(make_update_fn(setup.ctx, setup.objective, lambda s: lr, "none"))
+    new_state, metrics = update(state, b)
+    # m sequential SGD updates written out by hand, δ carried over between replays
+    k_obj = jax.random.split(jax.random.fold_in(key, 0))[1]
+    threat = setup.ctx.threat
+    xa = fast_at.cached_start(setup.ctx, state.extra, b, threat, k_obj)
+    theta, ms = state.params, state.model_state
+    x, y = b["image"], b["label"]
+    for _ in range(m):
+        def f(p, xin):
+            logits, _ = forward_train(setup.model, p, ms, xin)
+            return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+        gp, gx = jax.grad(f, argnums=(0, 1))(theta, xa)
+        theta = jax.tree.map(lambda t, g: t - lr * g, theta, gp)
+        xa = jnp.clip(jnp.clip(xa + EPS * jnp.sign(gx), x - EPS, x + EPS), 0.0, 1.0)
+    jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=2e-5, atol=2e-6),
+                 new_state.params, theta)
+    # ... which is not what a single update does
+    one = jax.tree.map(lambda t, g: t - lr * g, state.params, jax.grad(
+        lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+            forward_train(setup.model, p, ms, fast_at.cached_start(
+                setup.ctx, state.extra, b, threat, k_obj))[0], y)))(state.params))
+    assert not np.allclose(new_state.params["Dense_0"]["kernel"], one["Dense_0"]["kernel"], atol=1e-5)
+    # the carried δ is cached for the example's next visit
+    d = np.asarray(new_state.extra["instance"]["delta"])[np.asarray(b["index"])]
+    np.testing.assert_allclose(d, np.asarray(xa - x), atol=1e-6)
+
+
+def test_free_needs_its_lr_schedule():
+    c = _free_config(2)
+    del c.objective.schedules["free_lr"]
+    with pytest.raises(ValueError, match="free_lr"):
+        build_run(with_defaults(c))
+
+
+def test_nfgsm_perturbation_exceeds_eps_but_at_most_3eps():
+    setup, state = _setup(cache_config(**{"objective.name": "nfgsm", "data.augment": "none"}))
+    b = _batch(setup, 64)
+    xa, eps = fast_at.nfgsm_points(setup.ctx, state.params, state.model_state, b,
+                                   jax.random.PRNGKey(0), 0)
+    dist = np.abs(np.asarray(xa - b["image"])).reshape(64, -1).max(1)
+    assert float(eps) == pytest.approx(EPS)
+    assert (dist > EPS * 1.01).mean() > 0.5  # no projection back onto the ε-ball
+    assert dist.max() <= 3 * EPS + 1e-6  # noise 2ε + step ε
+    assert float(xa.min()) >= 0.0 and float(xa.max()) <= 1.0
+    # FGSM-RS, for contrast, projects: ‖δ‖ ≤ ε
+    xr, _ = fast_at.fgsm_rs_points(setup.ctx, state.params, state.model_state, b,
+                                   jax.random.PRNGKey(0), 0)
+    assert float(jnp.abs(xr - b["image"]).max()) <= EPS + 1e-6
+
+
+def test_grad_align_regulariser_zero_for_parallel_gradients():
+    g = jax.random.normal(jax.random.PRNGKey(0), (5, 4, 4, 3))
+    assert float(fast_at.grad_align_regulariser(g, 3.0 * g)) == pytest.approx(0.0, abs=1e-6)
+    assert float(fast_at.grad_align_regulariser(g, -g)) == pytest.approx(2.0, abs=1e-6)
+    h = jax.random.normal(jax.random.PRNGKey(1), (5, 4, 4, 3))
+    assert 0.5 < float(fast_at.grad_align_regulariser(g, h)) < 1.5  # ~orthogonal in high dim
+    # masked rows do not count
+    mixed = g.at[0].set(-g[0])
+    assert float(fast_at.grad_align_regulariser(g, mixed, jnp.arange(5) > 0)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fgsm_ga_loss_adds_lambda_times_regulariser():
+    c = cache_config(**{"objective.name": "fgsm_ga", "data.augment": "none"})
+    c.objective.fast.ga_lambda = 0.5
+    setup, state = _setup(c)
+    b = _batch(setup, 16)
+    loss, out = fast_at.fgsm_ga_loss(setup.ctx, state.params, state.model_state, state.extra, b,
+                                     jax.random.PRNGKey(0), 0)
+    mt = out.metrics
+    assert float(mt["grad_align"]) > 0
+    np.testing.assert_allclose(loss, mt["ce"] + 0.5 * mt["grad_align"], rtol=1e-6)
+
+
+def test_yopo_adjoint_is_first_layer_output_gradient():
+    setup, state = _setup(cache_config(**{"objective.name": "yopo", "data.augment": "none"}))
+    b = _batch(setup, 8)
+    v = {"params": state.params, **state.model_state}
+    z = fast_at.first_layer_output(setup.model, v, b["image"])
+    k = state.params["Dense_0"]
+    np.testing.assert_allclose(z, b["image"].reshape(8, -1) @ k["kernel"] + k["bias"], atol=1e-5)
+    loss, out = fast_at.yopo_loss(setup.ctx, state.params, state.model_state, state.extra, b,
+                                  jax.random.PRNGKey(0), 0)
+    assert np.isfinite(float(loss)) and float(out.metrics["eps"]) == pytest.approx(EPS)
+
+
+# ----------------------------------------------------------------------------- the monitor
+class _FakeState:
+    def __init__(self, tag):
+        self.params = {"w": jnp.full((2,), float(tag))}
+
+    def variables(self):
+        return {"params": self.params}
+
+    def checkpoint_tree(self):
+        return {"params": self.params}
+
+
+def test_monitor_detects_constructed_collapse(tmp_path):
+    """Scripted accuracies: PGD climbs to 0.45 at step 3, then falls to 0.10 while FGSM jumps to
+    0.90 (catastrophic overfitting): a warning, a logged collapse, and best_pgd = the step-3 state."""
+    model = _Linear()
+    x = np.random.default_rng(0).uniform(size=(8, 2)).astype(np.float32)
+    mon = CatastrophicOverfittingMonitor(model, _threat(), x,
+                                         np.zeros(8, np.int32), every_steps=1,
+                                         workdir=str(tmp_path), drop=0.2, pgd_steps=2)
+    script = {1: (0.8, 0.40, 0.30), 2: (0.8, 0.45, 0.40), 3: (0.8, 0.50, 0.45),
+              4: (0.8, 0.55, 0.35), 5: (0.9, 0.90, 0.10)}
+    mon._acc = lambda variables, xx, yy, key: script[int(variables["params"]["w"][0])]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stops = [mon(s, _FakeState(s)) for s in range(1, 5)]
+        assert not any(issubclass(w.category, CatastrophicOverfittingWarning) for w in caught)
+        assert not mon.collapsed  # step 4: PGD −10 points is not a collapse
+        stops.append(mon(5, _FakeState(5)))
+    assert [issubclass(w.category, CatastrophicOverfittingWarning) for w in caught].count(True) == 1
+    assert mon.collapsed and mon.collapses[0]["step"] == 5 and not any(stops)
+    lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert [l["collapse"] for l in lines] == [0, 0, 0, 0, 1]
+    rec = json.load(open(tmp_path / "co_monitor.json"))
+    assert rec["best"]["step"] == 3 and rec["collapses"][0]["pgd_accuracy"] == 0.10
+    from jaxrobust.train.checkpoint import Checkpointer
+    mon.close()
+    ck = Checkpointer(str(tmp_path / "best_pgd"))
+    assert ck.latest_step() == 3
+    np.testing.assert_array_equal(ck.restore({"params": {"w": jnp.zeros(2)}})["params"]["w"], [3, 3])
+    ck.close()
+    # FGSM falling with PGD is a plain accuracy drop, not catastrophic overfitting; stop_on_collapse
+    mon2 = CatastrophicOverfittingMonitor(model, _threat(), x, np.zeros(8, np.int32), every_steps=1,
+                                          stop_on_collapse=True)
+    mon2._acc = lambda variables, xx, yy, key: {1: (0.8, 0.6, 0.5), 2: (0.5, 0.3, 0.1),
+                                                3: (0.8, 0.7, 0.05)}[int(variables["params"]["w"][0])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert [mon2(s, _FakeState(s)) for s in (1, 2, 3)] == [False, False, True]
+
+
+class _Linear:
+    """A linear model with the zoo's ``apply(variables, x, train=...)`` signature."""
+
+    def apply(self, variables, x, train=False):
+        p = variables["params"]
+        return x @ p["kernel"] + p["bias"]
+
+
+def _threat():
+    from jaxrobust.threat import ThreatModel
+    return ThreatModel(norm="linf", eps=0.1, box=(0.0, 1.0))
+
+
+def test_monitor_measures_real_accuracies():
+    """With a real model, FGSM/PGD accuracies are ≤ clean and PGD ≤ FGSM on a linear model (PGD-10
+    with restarts finds at least FGSM's linear-model optimum up to the box)."""
+    model = _Linear()
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.2, 0.8, size=(64, 4)).astype(np.float32)
+    y = (x[:, 0] > 0.5).astype(np.int32)
+    variables = {"params": {"kernel": jnp.asarray([[-10.0, 10.0], [0, 0], [0, 0], [0, 0]]),
+                            "bias": jnp.asarray([5.0, -5.0])}}
+    mon = CatastrophicOverfittingMonitor(model, _threat(), x, y, every_steps=1, pgd_steps=10)
+    rec = mon.check(1, variables)
+    assert rec["clean_accuracy"] == 1.0
+    # the margin is 20|x0 − 0.5|; an l_inf step of 0.1 flips exactly the examples within 0.1 of 0.5
+    expect = float(np.mean(np.abs(x[:, 0] - 0.5) > 0.1))
+    assert rec["fgsm_accuracy"] == pytest.approx(expect) and rec["pgd_accuracy"] == pytest.approx(expect)
+
+
+def test_monitor_config_errors():
+    with pytest.raises(ValueError, match="drop must be in"):
+        CatastrophicOverfittingMonitor(None, _threat(), np.zeros((2, 2)), np.zeros(2), every_steps=1,
+                                       drop=20)
+    with pytest.raises(ValueError, match="every_steps"):
+        CatastrophicOverfittingMonitor(None, _threat(), np.zeros((2, 2)), np.zeros(2), every_steps=0)
+    c = with_defaults(cache_config())
+    assert monitors_from_config(c, None, None) == []  # disabled by default
+    c.train.monitor.enabled = True
+    c.train.monitor.split = "nope"
+    setup, _ = _setup(c)
+    with pytest.raises(ValueError, match="not a split"):
+        monitors_from_config(c, None, setup)
+
+
+# ----------------------------------------------------------------------------- Table 5.11 configs
+def test_table5_11_configs():
+    c = table5_11.get_config("cifar10_rn18_atas")
+    assert c.objective.name == "atas" and c.threat.eps == pytest.approx(8 / 255)
+    assert c.train.num_epochs == 30 and c.schedule.name == "cyclic" and c.data.augment == "crop_flip"
+    assert c.objective.fast.atas_rule == "released" and c.objective.fast.atas_c == 0.01
+    im = table5_11.get_config("imagenet_rn50_atas")
+    assert im.threat.eps == pytest.approx(2 / 255) and im.objective.fast.atas_c == 0.1
+    assert im.objective.fast.cache_resolution == 32 and im.train.num_epochs == 90
+    # Free: the epochs divided by m (same number of passes); its inner lr follows the run's lr
+    for ds, m in (("cifar10", 8), ("imagenet", 4)):
+        f = table5_11.get_config(f"{ds}_rn18_free")
+        assert f.objective.fast.free_replays == m
+        assert f.train.num_epochs * m == table5_11.FREE_PASSES[ds]
+        assert f.objective.schedules.free_lr.to_dict() == dict(f.schedule.to_dict(),
+                                                               value=f.optimizer.lr)
+    assert table5_11.get_config("cifar10_wrn28_yopo").train.num_epochs == 12
+    assert table5_11.get_config("cifar10_rn18_pgd10").objective.attack.steps == 10
+    assert table5_11.get_config("cifar100_rn18_fgsm_ga").objective.fast.ga_lambda == 0.5
+    for name in table5_11.METHODS:
+        cfg = table5_11.get_config(f"mnist5k_cnn_{name},smoke")
+        assert cfg.objective.name in fast_at.FAST_AT_OBJECTIVES and cfg.train.num_steps > 0
+    with pytest.raises(ValueError, match="expected <dataset>_<net>_<method>"):
+        table5_11.get_config("cifar10_rn18")
+    with pytest.raises(ValueError, match="Unknown method"):
+        table5_11.get_config("cifar10_rn18_sgd")
+
+
+def test_table5_11_smoke_run(tmp_path):
+    s = train(table5_11.get_config("mnist5k_cnn_atas,smoke"), str(tmp_path))
+    assert s["steps"] == table5_11.get_config("mnist5k_cnn_atas,smoke").train.num_steps
+    assert 0.0 <= s["eval"]["test"]["pgd_accuracy"] <= s["eval"]["test"]["clean_accuracy"]
