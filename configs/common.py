@@ -74,6 +74,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.objective.awp = ml_collections.ConfigDict()
     c.objective.awp.gamma = 5e-3
     c.objective.awp.base = "pgd_at"  # objective 'awp': pgd_at | trades | mart
+    # Certified training (jaxrobust/train/certified.py): PER eq 3.20 (α, C, constant β), Alg 3.6's
+    # subsample B' (also MMR's; <= 0: the whole batch), MMR (Croce et al. 2019), SABR λ, MTL-IBP α.
+    # Named schedules: kappa (ibp, crown_ibp), crown_beta (crown_ibp); per_beta, mmr_lambda and
+    # mtl_alpha, when configured as schedules, override the constants here.
+    c.objective.certified = ml_collections.ConfigDict()
+    c.objective.certified.per_alpha = 0.15
+    c.objective.certified.per_beta = 0.1
+    c.objective.certified.per_c = 4
+    c.objective.certified.subsample = 0
+    c.objective.certified.mmr_gamma_b = 0.15
+    c.objective.certified.mmr_gamma_d = 0.15
+    c.objective.certified.mmr_k_b = 100
+    c.objective.certified.mmr_lambda = 0.5
+    c.objective.certified.sabr_lambda = 0.4
+    c.objective.certified.mtl_alpha = 0.5
     # Fast AT (jaxrobust/train/fast_at.py, thesis §5.2): steps are fractions of ε.
     c.objective.fast = ml_collections.ConfigDict()
     c.objective.fast.fgsm_step = 1.25  # fgsm_rs: α = 1.25ε (Wong et al. 2020)

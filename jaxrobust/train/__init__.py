@@ -5,6 +5,7 @@ from jaxrobust.train.loop import (RunSetup, TrainedRun, build_dataset, build_mod
 from jaxrobust.train.objectives import (Objective, ObjectiveContext, ObjectiveOutput, get_objective,
                                         list_objectives, register)
 from jaxrobust.train import adversarial  # noqa: F401  (registers trades, mart, awp, awp_at, awp_trades)
+from jaxrobust.train import certified  # noqa: F401  (registers plain, at, kw, ibp, crown_ibp, mmr*, [li]per*, sabr, mtl_ibp)
 from jaxrobust.train import fast_at  # noqa: F401  (registers at, fgsm_rs, fgsm_ga, nfgsm, atta, atas, free, yopo)
 from jaxrobust.train.schedules import make_scalar_schedule
 from jaxrobust.train.state import TrainState

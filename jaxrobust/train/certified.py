@@ -1,0 +1,393 @@
+"""Certified-training objectives (thesis §3.3.3–3.3.4, Tables 3.5–3.8) and today's best (SABR, MTL-IBP).
+
+Every bound is computed through the public :mod:`jaxrobust.bounds` API on the model closure
+``make_logits_fn(model, variables, 'eval', stop_gradient=False)``: the bound functions trace the
+closure into a jaxpr whose constants are the (traced) parameters, so the bounds are differentiable in
+the parameters and compile with the update step. Bounds always run in float32 (a bf16 model is cloned
+with ``dtype=float32`` for them). BatchNorm models are bounded in eval mode with the running statistics
+just updated by the clean train-mode pass (constants for the gradient).
+
+Notation: ``lower_i`` is a lower bound of the margin z_y(x') - z_i(x') over S_ε(x) (eq. 3.12 with the
+last layer elided, row y = 0); the *robust cross-entropy* is CE(-lower, y) = log(1 + Σ_{i≠y} e^{-lower_i}),
+an upper bound of the worst-case CE over S_ε(x).
+
+Registered objectives (``objective.name``):
+
+==============  =================================================================================
+``plain``       alias of ``standard`` (clean CE).
+``at``          alias of ``pgd_at`` (Madry et al.).
+``kw``          CE(-lower) with Fast-Lin / KW linear bounds (Wong & Kolter 2018; same algorithm as
+                Fast-Lin for ReLU nets, thesis footnote 8).
+``ibp``         κ·CE(z(x)) + (1-κ)·CE(-lower_IBP) (Gowal et al. 2019), κ = ``schedules.kappa``.
+``crown_ibp``   κ·CE(z(x)) + (1-κ)·CE(-(β·lower_CROWN-IBP + (1-β)·lower_IBP)) (Zhang et al. 2020),
+                β = ``schedules.crown_beta``, κ = ``schedules.kappa``.
+``mmr``         CE + MMR(x) (Croce et al. 2019, maximum margin regulariser, ReLU nets only).
+``mmr_at``      ½(CE(x) + CE(x')) + MMR(x') at the PGD point x'.
+``lper``        CE(x) + PER(x) (eq. 3.20) with Fast-Lin-style linear bounds (L-PER).
+``lper_at``     ½(CE(x) + CE(x')) + PER(x') (Algorithm 3.6, L-PER+at).
+``iper``        as ``lper`` with the IBP-inspired linear bounds ('ibp_linear', §3.3.1) (I-PER).
+``iper_at``     as ``lper_at`` with the IBP-inspired linear bounds (I-PER+at).
+``sabr``        CE(-lower_IBP) over the small box B_{λε}(x̂) around a PGD point x̂ projected into
+                B_{(1-λ)ε}(x) ∩ box (Müller et al. 2023).
+``mtl_ibp``     α·CE(-lower_IBP) + (1-α)·CE(z(x')) (De Palma et al. 2024).
+==============  =================================================================================
+
+Settings live in ``objective.certified`` (configs/common.py); ε follows ``objective.eps_schedule``
+(ramps / the exponential growth of Table 3.5). Constant weights (``per_beta``, ``mmr_lambda``,
+``mtl_alpha``) are overridden by a named schedule of the same name when one is configured.
+
+Not implemented: Shi et al. 2021's IBP initialisation and warm-up regularisers, which need the
+interval of every ReLU's pre-activation; the public bounds API only returns output bounds.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxrobust.bounds import margin_bounds
+from jaxrobust.models import forward_train, make_logits_fn
+from jaxrobust.train.objectives import (Objective, ObjectiveOutput, ce_and_accuracy, get_objective,
+                                        masked_mean, pgd_points, register)
+
+# ----------------------------------------------------------------------------- shared pieces
+LINEAR_METHODS = {"lper": "fastlin", "lper_at": "fastlin", "iper": "ibp_linear",
+                  "iper_at": "ibp_linear"}
+
+
+def _float32_model(model):
+    """The model computing in float32 (bounds are always float32, whatever the training dtype)."""
+    dtype = getattr(model, "dtype", None)
+    if dtype is not None and jnp.dtype(dtype) != jnp.float32:
+        return model.clone(dtype=jnp.float32)
+    return model
+
+
+def bound_logits_fn(ctx, params, model_state):
+    """``x -> logits`` for bound propagation: float32, eval-mode BatchNorm with ``model_state``
+    (gradients flow to ``params`` only)."""
+    variables = {"params": params, **jax.lax.stop_gradient(model_state)}
+    return make_logits_fn(_float32_model(ctx.model), variables, "eval", stop_gradient=False)
+
+
+def _f32(x):
+    return jnp.asarray(x, jnp.float32)
+
+
+def robust_ce(lower, y):
+    """Per-example CE(-lower, y): the CE of the worst-case logits z_i = -lower_i, z_y = 0 (lower is
+    (B, K) margin lower bounds with row y = 0). (B,)."""
+    is_y = jax.nn.one_hot(y, lower.shape[-1], dtype=bool)
+    return optax.softmax_cross_entropy_with_integer_labels(jnp.where(is_y, 0.0, -lower), y)
+
+
+def certified_fraction(lower, y, mask):
+    """Masked fraction of the batch whose margin lower bounds are all > 0 (training-time certificate)."""
+    is_y = jax.nn.one_hot(y, lower.shape[-1], dtype=bool)
+    return masked_mean(jnp.all(is_y | (lower > 0), axis=-1).astype(jnp.float32), mask)
+
+
+def _value(ctx, name, default, step):
+    s = ctx.schedules.get(name)
+    return jnp.asarray(default, jnp.float32) if s is None else s(step)
+
+
+def subsample(key, mask, n: int):
+    """Algorithm 3.6 line 3: indices of ``n`` rows drawn uniformly without replacement among the
+    valid (``mask``) rows of the batch, and their mask. ``n <= 0`` or ``n >= B``: the whole batch."""
+    B = mask.shape[0]
+    if n <= 0 or n >= B:
+        return jnp.arange(B), mask
+    r = jax.random.uniform(key, (B,)) + 2.0 * (~mask.astype(bool))
+    idx = jnp.argsort(r)[:n]
+    return idx, mask[idx]
+
+
+def safe_dual_norm(U, norm: str):
+    """||U_i||_q per row of (B, K, D) with q the dual of ``norm``; zero rows (row y) have norm 0 and
+    a zero (not NaN) gradient."""
+    if norm == "linf":
+        return jnp.sum(jnp.abs(U), axis=-1)
+    if norm == "l1":
+        return jnp.max(jnp.abs(U), axis=-1)
+    s = jnp.sum(U * U, axis=-1)
+    pos = s > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, s, 1.0)), 0.0)
+
+
+def envelope_signed_distances(mb, x_ref, y, norm: str):
+    """d̂_{i,y} of §3.3.3: signed l_p distances (U_i x_ref + p_i) / ||U_i||_q from ``x_ref`` to the
+    hyperplanes of the polyhedral envelope (eq. 3.12), negative on the uncertified side; row y = +inf.
+    Same values as :func:`jaxrobust.certify.signed_distances`, with finite gradients for l_2 too."""
+    B, K = mb.lower.shape
+    U = mb.U.reshape(B, K, -1)
+    b = jnp.einsum("bkd,bd->bk", U, x_ref.reshape(B, -1)) + mb.p
+    q = safe_dual_norm(U, norm)
+    d = b / jnp.maximum(q, 1e-12)
+    return jnp.where(jax.nn.one_hot(y, K, dtype=bool), jnp.inf, d)
+
+
+def per_regularizer(d, alpha, beta, C: int):
+    """Eq. (3.20): PER = β Σ_{i≤C} max(0, 1 - d̂_{j_i,y}/α) over the C smallest signed distances
+    ``d`` (B, K) (row y = +inf is never among them when C <= K-1). (B,)."""
+    C = min(int(C), d.shape[-1] - 1)
+    smallest = -jax.lax.top_k(-d, C)[0]
+    return beta * jnp.sum(jnp.maximum(0.0, 1.0 - smallest / alpha), axis=-1)
+
+
+def _clean(ctx, params, model_state, batch):
+    logits, new_state = forward_train(ctx.model, params, model_state, batch["image"])
+    ce, acc = ce_and_accuracy(logits, batch["label"], batch["mask"])
+    return logits, new_state, ce, acc
+
+
+def _threat(ctx, step):
+    eps = ctx.eps_at(step)
+    return ctx.threat.replace(eps=_f32(eps)), eps
+
+
+# ----------------------------------------------------------------------------- IBP / CROWN-IBP / KW
+def ibp_loss(ctx, params, model_state, extra, batch, key, step):
+    """Gowal et al. (2019): L = κ CE(z(x), y) + (1-κ) CE(-m_IBP(x, ε), y), with m_IBP the interval
+    (Algorithm 3.2) lower bounds of the margins (last layer elided); κ = ``schedules.kappa`` (1 → ½
+    in their recipe) and ε ramped by ``objective.eps_schedule``."""
+    _, new_state, ce, acc = _clean(ctx, params, model_state, batch)
+    threat, eps = _threat(ctx, step)
+    x, y, mask = _f32(batch["image"]), batch["label"], batch["mask"]
+    lower = margin_bounds(bound_logits_fn(ctx, params, new_state), x, y, threat, method="ibp").lower
+    rob = masked_mean(robust_ce(lower, y), mask)
+    kappa = ctx.schedules["kappa"](step)
+    loss = kappa * ce + (1.0 - kappa) * rob
+    return loss, ObjectiveOutput(new_state, {}, {"loss": loss, "ce": ce, "robust_ce": rob,
+                                                  "accuracy": acc, "eps": eps, "kappa": kappa,
+                                                  "ibp_certified": certified_fraction(lower, y, mask)})
+
+
+def crown_ibp_lower(fn, x, y, threat, beta):
+    """Zhang et al. (2020): β·m_CROWN-IBP + (1-β)·m_IBP; the CROWN-IBP backward pass is skipped
+    (``lax.cond``) once β = 0."""
+    ibp = margin_bounds(fn, x, y, threat, method="ibp").lower
+    crown = jax.lax.cond(beta > 0, lambda: margin_bounds(fn, x, y, threat, method="crown_ibp").lower,
+                         lambda: ibp)
+    return beta * crown + (1.0 - beta) * ibp
+
+
+def crown_ibp_loss(ctx, params, model_state, extra, batch, key, step):
+    """CROWN-IBP (Zhang et al. 2020): L = κ CE(z(x)) + (1-κ) CE(-(β m_CROWN-IBP + (1-β) m_IBP)),
+    β = ``schedules.crown_beta`` (1 → 0 during the ε ramp), κ = ``schedules.kappa``."""
+    _, new_state, ce, acc = _clean(ctx, params, model_state, batch)
+    threat, eps = _threat(ctx, step)
+    x, y, mask = _f32(batch["image"]), batch["label"], batch["mask"]
+    beta = ctx.schedules["crown_beta"](step)
+    lower = crown_ibp_lower(bound_logits_fn(ctx, params, new_state), x, y, threat, beta)
+    rob = masked_mean(robust_ce(lower, y), mask)
+    kappa = ctx.schedules["kappa"](step)
+    loss = kappa * ce + (1.0 - kappa) * rob
+    return loss, ObjectiveOutput(new_state, {}, {"loss": loss, "ce": ce, "robust_ce": rob,
+                                                  "accuracy": acc, "eps": eps, "kappa": kappa,
+                                                  "crown_beta": beta,
+                                                  "certified": certified_fraction(lower, y, mask)})
+
+
+def kw_loss(ctx, params, model_state, extra, batch, key, step):
+    """Wong & Kolter (2018) robust CE: L = CE(-m_Lin(x, ε), y), m_Lin the Fast-Lin / KW linear lower
+    bounds of the margins (Algorithm 3.1; identical to KW's dual network on ReLU nets)."""
+    logits, new_state, ce, acc = _clean(ctx, params, model_state, batch)
+    threat, eps = _threat(ctx, step)
+    x, y, mask = _f32(batch["image"]), batch["label"], batch["mask"]
+    lower = margin_bounds(bound_logits_fn(ctx, params, new_state), x, y, threat, method="fastlin").lower
+    loss = masked_mean(robust_ce(lower, y), mask)
+    return loss, ObjectiveOutput(new_state, {}, {"loss": loss, "ce": ce, "accuracy": acc, "eps": eps,
+                                                  "certified": certified_fraction(lower, y, mask)})
+
+
+# ----------------------------------------------------------------------------- PER (thesis)
+def per_terms(ctx, params, model_state, x, x_ref, y, mask, key, step, method: str):
+    """PER (eq. 3.20) of the subsampled rows (Algorithm 3.6 lines 3-6): the envelope (U, p) of
+    S_ε(x) from ``method`` ('fastlin' = L-PER, 'ibp_linear' = I-PER), signed distances from ``x_ref``
+    (x for PER, the PGD point for PER+at). Returns (masked mean PER, certified fraction, d̂)."""
+    c = ctx.cfg.certified
+    idx, sub_mask = subsample(key, mask, int(c.subsample))
+    threat, _ = _threat(ctx, step)
+    xs, xr, ys = _f32(x)[idx], _f32(x_ref)[idx], y[idx]
+    mb = margin_bounds(bound_logits_fn(ctx, params, model_state), xs, ys, threat, method=method)
+    d = envelope_signed_distances(mb, xr, ys, ctx.threat.norm)
+    beta = _value(ctx, "per_beta", c.per_beta, step)
+    per = masked_mean(per_regularizer(d, float(c.per_alpha), beta, int(c.per_c)), sub_mask)
+    return per, certified_fraction(mb.lower, ys, sub_mask), d
+
+
+def _per_objective(name: str):
+    method = LINEAR_METHODS[name]
+    adversarial = name.endswith("_at")
+
+    def loss_fn(ctx, params, model_state, extra, batch, key, step):
+        k_sub, k_adv = jax.random.split(key)
+        x, y, mask = batch["image"], batch["label"], batch["mask"]
+        _, new_state, ce, acc = _clean(ctx, params, model_state, batch)
+        metrics = {"ce": ce, "accuracy": acc}
+        x_ref = x
+        if adversarial:
+            x_adv, _ = pgd_points(ctx, params, new_state, batch, k_adv, step)
+            adv_logits, new_state = forward_train(ctx.model, params, new_state, x_adv)
+            adv_ce, adv_acc = ce_and_accuracy(adv_logits, y, mask)
+            ce = 0.5 * (ce + adv_ce)
+            metrics.update(adv_ce=adv_ce, adv_accuracy=adv_acc)
+            x_ref = x_adv
+        per, cert, _ = per_terms(ctx, params, new_state, x, x_ref, y, mask, k_sub, step, method)
+        loss = ce + per
+        metrics.update(loss=loss, per=per, certified=cert, eps=ctx.eps_at(step))
+        return loss, ObjectiveOutput(new_state, {}, metrics)
+
+    loss_fn.__doc__ = (f"{'I' if method == 'ibp_linear' else 'L'}-PER{'+at' if adversarial else ''} "
+                       "(thesis §3.3.3, eq. 3.20, Algorithm 3.6): "
+                       + ("½(CE(x) + CE(x')) + PER(x'), x' the PGD point" if adversarial else
+                          "CE(x) + PER(x)")
+                       + f"; envelope from '{method}' linear bounds over S_ε(x).")
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------- MMR (Croce et al.)
+def _hidden_and_logits(model, variables, x1):
+    """One example (*f): (pre-activations of every hidden Dense/Conv layer, flat; logits (K,))."""
+    logits, st = model.apply(variables, x1[None], train=False, mutable=["intermediates"],
+                             capture_intermediates=lambda m, n: isinstance(m, (nn.Dense, nn.Conv))
+                             and n == "__call__")
+    outs = [v["__call__"][0] for v in st["intermediates"].values()]
+    hidden = [o.reshape(-1) for o in outs[:-1]]  # the last layer's output is the logits
+    h = jnp.concatenate(hidden) if hidden else jnp.zeros((0,), logits.dtype)
+    return h, logits[0]
+
+
+def mmr_regularizer(ctx, params, x, y):
+    """Croce et al. (2019) MMR on a ReLU net (locally affine): with d_B the l_p distances from x to
+    the k_B closest hyperplanes bounding its linear region (h_j(x) = 0 for each hidden pre-activation
+    h_j, |h_j| / ||∇h_j||_q) and d_D the signed distances to the K-1 linearised decision hyperplanes
+    ((z_y - z_i) / ||∇(z_y - z_i)||_q),
+    MMR = (1/k_B) Σ max(0, 1 - d_B/γ_B) + (1/(K-1)) Σ max(0, 1 - d_D/γ_D). (B,)."""
+    c = ctx.cfg.certified
+    model = _float32_model(ctx.model)
+    variables = {"params": params}
+    norm = ctx.threat.norm
+
+    def one(x1, y1):
+        f = lambda z: jnp.concatenate(_hidden_and_logits(model, variables, z))
+        vals = f(x1)
+        jac = jax.jacfwd(f)(x1).reshape(vals.shape[0], -1)
+        K = ctx.num_classes
+        h, z = vals[:-K], vals[-K:]
+        jh, jz = jac[:-K], jac[-K:]
+        dh = jnp.abs(h) / jnp.maximum(safe_dual_norm(jh[None], norm)[0], 1e-12)
+        kb = min(int(c.mmr_k_b), h.shape[0])
+        db = -jax.lax.top_k(-dh, kb)[0]
+        gm = jz[y1][None] - jz
+        dd = (z[y1] - z) / jnp.maximum(safe_dual_norm(gm[None], norm)[0], 1e-12)
+        dd = jnp.where(jnp.arange(K) == y1, jnp.inf, dd)
+        rb = jnp.mean(jnp.maximum(0.0, 1.0 - db / float(c.mmr_gamma_b)))
+        rd = jnp.sum(jnp.maximum(0.0, 1.0 - dd / float(c.mmr_gamma_d))) / (K - 1)
+        return rb + rd
+
+    return jax.vmap(one)(_f32(x), y)
+
+
+def _check_mmr(ctx, model_state):
+    if model_state:
+        raise ValueError("mmr/mmr_at need a ReLU net without BatchNorm (its linear regions are "
+                         f"computed from the Dense/Conv outputs); got collections {sorted(model_state)}.")
+    act = getattr(ctx.model, "activation", "relu")
+    if act != "relu":
+        raise ValueError(f"mmr/mmr_at are defined for ReLU nets only (Croce et al. 2019), got "
+                         f"activation {act!r}.")
+
+
+def _mmr_objective(adversarial: bool):
+    def loss_fn(ctx, params, model_state, extra, batch, key, step):
+        _check_mmr(ctx, model_state)
+        k_sub, k_adv = jax.random.split(key)
+        x, y, mask = batch["image"], batch["label"], batch["mask"]
+        _, new_state, ce, acc = _clean(ctx, params, model_state, batch)
+        metrics = {"ce": ce, "accuracy": acc}
+        x_ref = x
+        if adversarial:
+            x_adv, _ = pgd_points(ctx, params, new_state, batch, k_adv, step)
+            adv_logits, new_state = forward_train(ctx.model, params, new_state, x_adv)
+            adv_ce, adv_acc = ce_and_accuracy(adv_logits, y, mask)
+            ce = 0.5 * (ce + adv_ce)
+            metrics.update(adv_ce=adv_ce, adv_accuracy=adv_acc)
+            x_ref = x_adv
+        idx, sub_mask = subsample(k_sub, mask, int(ctx.cfg.certified.subsample))
+        lam = _value(ctx, "mmr_lambda", ctx.cfg.certified.mmr_lambda, step)
+        mmr = lam * masked_mean(mmr_regularizer(ctx, params, x_ref[idx], y[idx]), sub_mask)
+        loss = ce + mmr
+        metrics.update(loss=loss, mmr=mmr)
+        return loss, ObjectiveOutput(new_state, {}, metrics)
+
+    loss_fn.__doc__ = ("MMR+at (Croce et al. 2019): ½(CE(x) + CE(x')) + λ MMR(x'), x' the PGD point."
+                       if adversarial else "MMR (Croce et al. 2019): CE(x) + λ MMR(x).")
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------- SABR, MTL-IBP
+def sabr_centers(ctx, x, x_adv, eps, lam):
+    """SABR's box centres: the PGD point projected onto B_{(1-λ)ε}(x) ∩ box, so that the propagated
+    region B_{λε}(centre) ∩ box lies inside S_ε(x)."""
+    inner = ctx.threat.replace(eps=_f32((1.0 - lam) * eps))
+    return inner.project(_f32(x), _f32(x_adv))
+
+
+def sabr_loss(ctx, params, model_state, extra, batch, key, step):
+    """SABR (Müller et al. 2023): L = CE(-m_IBP(x̂, λε), y), the IBP robust CE over the small region
+    B_{λε}(x̂) ∩ box around x̂ = the PGD point (found in S_ε(x)) projected into B_{(1-λ)ε}(x);
+    λ = ``certified.sabr_lambda``."""
+    k_adv = key
+    x, y, mask = batch["image"], batch["label"], batch["mask"]
+    _, new_state, ce, acc = _clean(ctx, params, model_state, batch)
+    x_adv, eps = pgd_points(ctx, params, new_state, batch, k_adv, step)
+    lam = float(ctx.cfg.certified.sabr_lambda)
+    centres = jax.lax.stop_gradient(sabr_centers(ctx, x, x_adv, eps, lam))
+    small = ctx.threat.replace(eps=_f32(lam * eps))
+    lower = margin_bounds(bound_logits_fn(ctx, params, new_state), centres, y, small, method="ibp").lower
+    loss = masked_mean(robust_ce(lower, y), mask)
+    return loss, ObjectiveOutput(new_state, {}, {"loss": loss, "ce": ce, "accuracy": acc, "eps": eps,
+                                                  "small_box_certified": certified_fraction(lower, y, mask)})
+
+
+def mtl_ibp_loss(ctx, params, model_state, extra, batch, key, step):
+    """MTL-IBP (De Palma et al. 2024): L = α CE(-m_IBP(x, ε), y) + (1-α) CE(z(x'), y), x' the PGD
+    point; α = ``certified.mtl_alpha`` (or ``schedules.mtl_alpha``)."""
+    x, y, mask = batch["image"], batch["label"], batch["mask"]
+    _, new_state, ce, acc = _clean(ctx, params, model_state, batch)
+    x_adv, eps = pgd_points(ctx, params, new_state, batch, key, step)
+    adv_logits, new_state = forward_train(ctx.model, params, new_state, x_adv)
+    adv_ce, adv_acc = ce_and_accuracy(adv_logits, y, mask)
+    threat = ctx.threat.replace(eps=_f32(eps))
+    lower = margin_bounds(bound_logits_fn(ctx, params, new_state), _f32(x), y, threat, method="ibp").lower
+    rob = masked_mean(robust_ce(lower, y), mask)
+    alpha = _value(ctx, "mtl_alpha", ctx.cfg.certified.mtl_alpha, step)
+    loss = alpha * rob + (1.0 - alpha) * adv_ce
+    return loss, ObjectiveOutput(new_state, {}, {"loss": loss, "ce": ce, "accuracy": acc,
+                                                  "adv_accuracy": adv_acc, "robust_ce": rob, "eps": eps,
+                                                  "ibp_certified": certified_fraction(lower, y, mask)})
+
+
+# ----------------------------------------------------------------------------- registration
+METHOD_NAMES = ("plain", "at", "kw", "ibp", "crown_ibp", "mmr", "mmr_at", "lper", "lper_at", "iper",
+                "iper_at", "sabr", "mtl_ibp")
+
+register("plain", get_objective("standard"))
+register("at", get_objective("pgd_at"))
+register("kw", Objective(init=None, loss=kw_loss))
+register("ibp", Objective(init=None, loss=ibp_loss, schedules=("kappa",)))
+register("crown_ibp", Objective(init=None, loss=crown_ibp_loss, schedules=("kappa", "crown_beta")))
+register("mmr", Objective(init=None, loss=_mmr_objective(False)))
+register("mmr_at", Objective(init=None, loss=_mmr_objective(True)))
+for _name in LINEAR_METHODS:
+    register(_name, Objective(init=None, loss=_per_objective(_name)))
+register("sabr", Objective(init=None, loss=sabr_loss))
+register("mtl_ibp", Objective(init=None, loss=mtl_ibp_loss))
+
+__all__ = ["METHOD_NAMES", "LINEAR_METHODS", "bound_logits_fn", "robust_ce", "certified_fraction",
+           "subsample", "safe_dual_norm", "envelope_signed_distances", "per_regularizer", "per_terms",
+           "crown_ibp_lower", "mmr_regularizer", "sabr_centers", "ibp_loss", "crown_ibp_loss",
+           "kw_loss", "sabr_loss", "mtl_ibp_loss"]
