@@ -180,10 +180,11 @@ def run(main: Callable) -> None:
 
 
 def _is_user_error(e: BaseException) -> bool:
-    """Validation errors (ValueError/TypeError) and missing files; not JAX's tracing errors (bugs)."""
+    """Validation errors (ValueError/TypeError), missing files and a diverged run (the loop's
+    FloatingPointError says where and what to do); not JAX's tracing errors (bugs)."""
     if type(e).__module__.split(".")[0] in ("jax", "jaxlib", "flax", "optax", "orbax"):
         return False
-    return isinstance(e, (ValueError, TypeError, FileNotFoundError))
+    return isinstance(e, (ValueError, TypeError, FileNotFoundError, FloatingPointError))
 
 
 # ----------------------------------------------------------------------------- interruption
