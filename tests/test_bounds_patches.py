@@ -305,3 +305,32 @@ def test_import_keeps_only_ynn_dot_fusions_on_jaxlib_010_and_respects_user_flags
     out = subprocess.run([sys.executable, "-c", code], env=dict(env, XLA_FLAGS=mine),
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == mine
+
+
+def test_nchw_convolutions_fall_back_to_dense_rows_with_one_warning(monkeypatch):
+    """The patch form is NHWC-only: an NCHW network gets the dense rows' bounds (same numbers) and
+    one warning that names the layout and the rows' memory per example (not a silent fall-back)."""
+    import warnings as _w
+    k1 = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 3, 3)) * 0.5  # OIHW
+    k2 = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 3)) * 0.4
+    W = jax.random.normal(jax.random.PRNGKey(2), (3 * 6 * 6, K)) * 0.3
+    dn = ("NCHW", "OIHW", "NCHW")
+
+    def f(x):
+        h = jax.nn.relu(jax.lax.conv_general_dilated(x, k1, (1, 1), "SAME", dimension_numbers=dn))
+        h = jax.nn.relu(jax.lax.conv_general_dilated(h, k2, (1, 1), "SAME", dimension_numbers=dn) - 0.1)
+        return h.reshape(x.shape[0], -1) @ W
+
+    x = jax.random.uniform(jax.random.PRNGKey(3), (2, 2, 6, 6))
+    tm = ThreatModel("linf", 0.05)
+    monkeypatch.setattr(patches, "_WARN_BYTES", 0)
+    monkeypatch.setattr(patches, "_WARNED", set())
+    with pytest.warns(UserWarning, match=r"NCHW->NCHW.*MiB per example"):
+        lo, hi = crown_bounds(f, x, tm)
+    with _w.catch_warnings():
+        _w.simplefilter("error")  # once per reason
+        lo2, hi2 = crown_bounds(f, x, tm)
+        dlo, dhi = crown_bounds(f, x, tm, patches=False)
+    np.testing.assert_allclose(lo, dlo, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(hi, dhi, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(lo, lo2)
