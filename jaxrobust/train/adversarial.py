@@ -108,7 +108,9 @@ def inner_maximisation(ctx, params, model_state, batch, key, step, loss: str):
     ``x'_0 = Π(x + 0.001·N(0, I))``, ``x'_{t+1} = Π(x'_t + α·s(∇ℓ(x'_t)))`` for ``attack.steps`` steps
     (s: sign for l_inf, g/‖g‖_2 for l_2), Π the exact projection onto the ε-ball ∩ box, the last iterate
     returned. ``loss='kl'``: ℓ = Σ_b KL(p(x_b) ‖ p(x'_b)) (TRADES); ``loss='ce'``: ℓ = Σ_b CE(f(x'_b), y_b)
-    (MART). α = ``attack.step_size`` (scaled with ε when ramped) or 2.5ε/steps. Returns ``(x', ε)``."""
+    (MART). α = ``attack.step_size`` (scaled with ε when ramped) or 2.5ε/steps; ``attack.restarts``,
+    ``attack.random_start`` and ``attack.loss`` are not used (the reference codes have one run from the
+    small Gaussian start). Returns ``(x', ε)``."""
     a = ctx.cfg.attack
     eps = ctx.eps_at(step)
     x, y = batch["image"], batch["label"]
