@@ -763,3 +763,12 @@ def test_clear_errors():
         crown_bounds(lambda z: jax.nn.sigmoid(z), x, tm, sigmoid="bogus")
     with pytest.raises(ValueError, match="logits"):
         margin_bounds(lambda z: z[:, :, None], x, jnp.array([0, 1]), tm)
+    for bad in (jnp.array([0, 4]), jnp.array([-1, 0])):  # 4 classes: labels 0..3
+        with pytest.raises(ValueError, match="label"):
+            margin_bounds(lambda z: z, x, bad, tm)
+    with pytest.raises(ValueError, match="labels of shape"):
+        margin_bounds(lambda z: z, x, jnp.array([[0], [1]]), tm)
+    with pytest.raises(ValueError, match="batch axis"):
+        crown_bounds(lambda z: z, x[0], tm)
+    with pytest.raises(ValueError, match="batch axis"):
+        linear_spec_bounds(lambda z: z, x[0], tm, jnp.ones((1, 4)))
