@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrobust.models.zoo import (FCNet, LeNet, PreActResNet18, ResNet, SmallCNN, VGG,
+from jaxrobust.models.zoo import (CNN7, FCNet, LeNet, PreActResNet18, ResNet, SmallCNN, VGG,
                                   WideResNet)
 
 _REGISTRY: Dict[str, Callable[..., Any]] = {
@@ -26,6 +26,7 @@ _REGISTRY: Dict[str, Callable[..., Any]] = {
     "fc1": lambda num_classes, **kw: FCNet(widths=(1024,), num_classes=num_classes, **kw),
     "fc3x1024": lambda num_classes, **kw: FCNet(widths=(1024,) * 3, num_classes=num_classes, **kw),
     "cnn_small": lambda num_classes, **kw: SmallCNN(num_classes=num_classes, **kw),
+    "cnn7": lambda num_classes, **kw: CNN7(num_classes=num_classes, **kw),
     "lenet": lambda num_classes, **kw: LeNet(num_classes=num_classes, **kw),
     "vgg": lambda num_classes, **kw: VGG(num_classes=num_classes, **kw),
     "resnet18": lambda num_classes, **kw: ResNet((2, 2, 2, 2), "basic", num_classes=num_classes, **kw),
@@ -115,5 +116,5 @@ def forward_train(model, params, model_state, x):
 
 
 __all__ = ["create_model", "list_models", "init_variables", "count_params", "make_logits_fn",
-           "forward_train", "FCNet", "SmallCNN", "LeNet", "VGG", "ResNet", "PreActResNet18",
+           "forward_train", "CNN7", "FCNet", "SmallCNN", "LeNet", "VGG", "ResNet", "PreActResNet18",
            "WideResNet"]

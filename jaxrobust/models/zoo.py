@@ -7,7 +7,9 @@ mutable) versus running averages.
 
 Architectures:
 - ``FCNet``: any widths, relu/sigmoid/tanh (§3.2.2, §3.3.4: FC1 = 784-1024-10).
-- ``SmallCNN``: Wong & Kolter small CNN (conv16 4x4 s2 p1, conv32 4x4 s2 p1, fc100, fc10).
+- ``SmallCNN``: Wong & Kolter small CNN (conv16 4x4 s2 p1, conv32 4x4 s2 p1, fc100, fc10); the
+  thesis's MNIST/CIFAR 'CNN' of §3.3.4 (registered as ``cnn_small``).
+- ``CNN7``: the CNN7 with BatchNorm of Shi et al. 2021 / SABR / MTL-IBP (registered as ``cnn7``).
 - ``LeNet``, ``VGG``, ``ResNet`` (Table 4.1, width factor w; ResNet18 w=16 is the standard width).
 - ``PreActResNet18`` and ``WideResNet`` (28-10, 34-10), standard CIFAR adversarial-training nets.
 - ``ResNet(..., affine_bn=False, fc_bias=False)`` (registered as ``cifar_resnet18/34/50``): the CIFAR
@@ -86,6 +88,30 @@ class SmallCNN(nn.Module):
         x = act(nn.Conv(32, (4, 4), strides=2, padding=((1, 1), (1, 1)), dtype=self.dtype)(x))
         x = x.reshape((x.shape[0], -1))
         x = act(nn.Dense(100, dtype=self.dtype)(x))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
+
+
+class CNN7(nn.Module):
+    """CNN7 of Shi et al. (2021), used by SABR, MTL-IBP and CTBench: five 3x3 convs (pad 1) of
+    ``width``, ``width``, 2·width (stride 2), 2·width, 2·width channels and a Dense(``linear``) layer,
+    each followed by BatchNorm and ReLU, then Dense(num_classes). width 64 / linear 512 is the
+    published net (~17M parameters on CIFAR-10)."""
+    num_classes: int = 10
+    width: int = 64
+    linear: int = 512
+    mean: Tuple[float, ...] = (0.0,)
+    std: Tuple[float, ...] = (1.0,)
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = Normalize(self.mean, self.std)(x).astype(self.dtype)
+        w = self.width
+        for c, s in ((w, 1), (w, 1), (2 * w, 2), (2 * w, 1), (2 * w, 1)):
+            x = nn.Conv(c, (3, 3), strides=s, padding=((1, 1), (1, 1)), dtype=self.dtype)(x)
+            x = nn.relu(_bn(train, dtype=self.dtype)(x))
+        x = x.reshape((x.shape[0], -1))
+        x = nn.relu(_bn(train, dtype=self.dtype)(nn.Dense(self.linear, dtype=self.dtype)(x)))
         return nn.Dense(self.num_classes, dtype=self.dtype)(x).astype(jnp.float32)
 
 
