@@ -467,6 +467,15 @@ def first_layer_output(model, variables, x):
     return cap[0]
 
 
+def probed_loss(model, params, model_state, x, y, mask, xi):
+    """Train-mode masked mean CE with ``xi`` added to the first layer's output z₁: its gradient
+    w.r.t. ``xi`` (at 0) is YOPO's adjoint p = ∂L/∂z₁. Returns ``(loss, (new model state, accuracy))``."""
+    with nn.intercept_methods(_first_layer_interceptor(add=xi)):
+        logits, new_state = forward_train(model, params, model_state, x)
+    loss, acc = ce_and_accuracy(logits, y, mask)
+    return loss, (new_state, acc)
+
+
 def yopo_loss(ctx, params, model_state, extra, batch, key, step):
     """YOPO-m-n (Zhang et al. 2019, "You Only Propagate Once"): η ~ U(ball); for j = 1..m one full
     forward/backward at x + η gives ∇_θ L_j and the first layer's adjoint p_j = ∂L_j/∂z₁; then n steps
@@ -485,10 +494,7 @@ def yopo_loss(ctx, params, model_state, extra, batch, key, step):
     z_shape = jax.eval_shape(lambda: first_layer_output(ctx.model, frozen, x))
 
     def full(p, ms, xin, xi):
-        with nn.intercept_methods(_first_layer_interceptor(add=xi)):
-            logits, new_state = forward_train(ctx.model, p, ms, xin)
-        loss, acc = ce_and_accuracy(logits, y, mask)
-        return loss, (new_state, acc)
+        return probed_loss(ctx.model, p, ms, xin, y, mask, xi)
 
     grad_full = jax.value_and_grad(full, argnums=(0, 3), has_aux=True)
     xi0 = jnp.zeros(z_shape.shape, z_shape.dtype)
@@ -523,4 +529,4 @@ FAST_AT_OBJECTIVES = ("at", "fgsm_rs", "fgsm_ga", "nfgsm", "atta", "atas", "free
 
 __all__ = ["FAST_AT_OBJECTIVES", "atas_preconditioner", "atas_step_size", "grad_align_regulariser",
            "cache_shape", "cache_bytes", "read_cache", "write_cache", "cache_attack", "init_cache",
-           "linear_surrogate", "first_layer_output", "free_replays", "fgsm_rs_points", "nfgsm_points"]
+           "linear_surrogate", "first_layer_output", "probed_loss", "free_replays", "fgsm_rs_points", "nfgsm_points"]
