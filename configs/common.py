@@ -147,6 +147,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.monitor.pgd_steps = 10
     c.train.monitor.pgd_restarts = 1
     c.train.monitor.drop = 0.2
+    c.train.monitor.gap = 0.5  # also a collapse: FGSM accuracy > PGD accuracy + gap (0 = off)
     c.train.monitor.keep_best = True
     c.train.monitor.stop_on_collapse = False
 

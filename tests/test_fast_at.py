@@ -360,6 +360,7 @@ def test_monitor_detects_constructed_collapse(tmp_path):
     assert mon.collapsed and mon.collapses[0]["step"] == 5 and not any(stops)
     lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
     assert [l["collapse"] for l in lines] == [0, 0, 0, 0, 1]
+    assert lines[-1]["collapse_drop"] == 1 and lines[-1]["fgsm_pgd_gap"] == pytest.approx(0.8)
     rec = json.load(open(tmp_path / "co_monitor.json"))
     assert rec["best"]["step"] == 3 and rec["collapses"][0]["pgd_accuracy"] == 0.10
     from jaxrobust.train.checkpoint import Checkpointer
@@ -376,6 +377,15 @@ def test_monitor_detects_constructed_collapse(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert [mon2(s, _FakeState(s)) for s in (1, 2, 3)] == [False, False, True]
+    # a run that overfits before its PGD accuracy ever rose: only the FGSM-PGD gap criterion sees it
+    for gap, expect in ((0.5, 1), (0.0, 0)):
+        mon3 = CatastrophicOverfittingMonitor(model, _threat(), x, np.zeros(8, np.int32),
+                                              every_steps=1, gap=gap)
+        mon3._acc = lambda variables, xx, yy, key: (0.95, 0.83, 0.05)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rec = mon3.check(1, None)
+        assert rec["collapse"] == rec["collapse_gap"] == expect and rec["collapse_drop"] == 0
 
 
 class _Linear:

@@ -5,8 +5,11 @@ training (Wong et al. 2020; thesis §5.2.2): every ``every_steps`` it measures c
 accuracy of the current weights on a fixed held-out batch. Catastrophic overfitting shows as the PGD
 accuracy collapsing while the FGSM accuracy (the attack the model is trained against) rises: a
 *collapse* is recorded when the PGD accuracy is more than ``drop`` (0.2 = 20 points) below the best
-PGD accuracy seen so far while the FGSM accuracy is above its value at that best check. Each check
-is written to ``metrics.jsonl`` (split ``'monitor'``: clean/fgsm/pgd accuracy, ``collapse`` 0/1); a
+PGD accuracy seen so far while the FGSM accuracy is above its value at that best check
+(``collapse_drop``), or, when ``gap`` > 0, when the FGSM accuracy exceeds the PGD accuracy by more
+than ``gap`` (``collapse_gap``: a run that overfits before its PGD accuracy ever rose, as FGSM-RS at
+ε = 0.3 on MNIST does from the first epoch). Each check is written to ``metrics.jsonl`` (split
+``'monitor'``: clean/fgsm/pgd accuracy, ``fgsm_pgd_gap``, ``collapse`` 0/1 and its reasons); a
 collapse also raises a :class:`CatastrophicOverfittingWarning` and is kept in
 ``WORKDIR/co_monitor.json``. With ``keep_best`` the state of the best PGD accuracy is checkpointed in
 ``WORKDIR/best_pgd`` (the last good weights before a collapse; load it with
@@ -62,7 +65,7 @@ class CatastrophicOverfittingMonitor:
     def __init__(self, model, threat: ThreatModel, images, labels, *, every_steps: int,
                  workdir: Optional[str] = None, drop: float = 0.2, pgd_steps: int = 10,
                  pgd_restarts: int = 1, keep_best: bool = True, stop_on_collapse: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, gap: float = 0.0):
         if not isinstance(every_steps, (int, np.integer)) or every_steps < 1:
             raise ValueError(f"every_steps must be an integer >= 1, got {every_steps!r}.")
         if not 0.0 < float(drop) <= 1.0:
@@ -72,7 +75,9 @@ class CatastrophicOverfittingMonitor:
             raise ValueError(f"images and labels must be a non-empty batch of equal length, got "
                              f"{images.shape} and {labels.shape}.")
         self.images, self.labels = jnp.asarray(images), jnp.asarray(labels, jnp.int32)
-        self.every_steps, self.drop = int(every_steps), float(drop)
+        if not 0.0 <= float(gap) <= 1.0:
+            raise ValueError(f"gap must be in [0, 1] (0 = off), got {gap!r}.")
+        self.every_steps, self.drop, self.gap = int(every_steps), float(drop), float(gap)
         self.workdir, self.keep_best, self.stop_on_collapse = workdir, keep_best, stop_on_collapse
         self.key = jax.random.PRNGKey(seed + 104729)
         self._acc = _accuracies(model, threat, int(pgd_steps), int(pgd_restarts))
@@ -126,16 +131,25 @@ class CatastrophicOverfittingMonitor:
         clean, fgsm, pgd = (float(v) for v in jax.device_get(self._acc(
             variables, self.images, self.labels, jax.random.fold_in(self.key, step))))
         rec = {"step": int(step), "clean_accuracy": clean, "fgsm_accuracy": fgsm,
-               "pgd_accuracy": pgd, "collapse": 0}
+               "pgd_accuracy": pgd, "fgsm_pgd_gap": fgsm - pgd}
         b = self.best
-        if b is not None and b["pgd_accuracy"] - pgd > self.drop and fgsm > b["fgsm_accuracy"]:
-            rec["collapse"] = 1
+        by_drop = b is not None and b["pgd_accuracy"] - pgd > self.drop and fgsm > b["fgsm_accuracy"]
+        by_gap = self.gap > 0 and fgsm - pgd > self.gap
+        rec.update(collapse=int(by_drop or by_gap), collapse_drop=int(by_drop),
+                   collapse_gap=int(by_gap))
+        if rec["collapse"]:
             self.collapses.append(rec)
+            why = []
+            if by_drop:
+                why.append(f"PGD accuracy {pgd:.3f} is {b['pgd_accuracy'] - pgd:.3f} below its best "
+                           f"{b['pgd_accuracy']:.3f} (step {b['step']}) while FGSM accuracy rose "
+                           f"{b['fgsm_accuracy']:.3f} -> {fgsm:.3f}")
+            if by_gap:
+                why.append(f"FGSM accuracy {fgsm:.3f} exceeds PGD accuracy {pgd:.3f} by more than "
+                           f"{self.gap:.2f}")
             warnings.warn(
-                f"catastrophic overfitting at step {step}: PGD accuracy {pgd:.3f} is "
-                f"{b['pgd_accuracy'] - pgd:.3f} below its best {b['pgd_accuracy']:.3f} (step "
-                f"{b['step']}) while FGSM accuracy rose {b['fgsm_accuracy']:.3f} -> {fgsm:.3f}; the "
-                f"best-PGD state is kept in {os.path.join(self.workdir or '.', 'best_pgd')}.",
+                f"catastrophic overfitting at step {step}: {'; '.join(why)}; the best-PGD state is "
+                f"kept in {os.path.join(self.workdir or '.', 'best_pgd')}.",
                 CatastrophicOverfittingWarning, stacklevel=2)
         rec["new_best"] = int(b is None or pgd > b["pgd_accuracy"])
         if rec["new_best"]:
@@ -189,7 +203,7 @@ def monitors_from_config(config, workdir: Optional[str], setup) -> list:
     return [CatastrophicOverfittingMonitor(
         setup.model, setup.threat, batch["image"], batch["label"], every_steps=every,
         workdir=workdir, drop=m.drop, pgd_steps=m.pgd_steps, pgd_restarts=m.pgd_restarts,
-        keep_best=m.keep_best, stop_on_collapse=m.stop_on_collapse, seed=config.seed)]
+        keep_best=m.keep_best, stop_on_collapse=m.stop_on_collapse, seed=config.seed, gap=m.gap)]
 
 
 __all__ = ["CatastrophicOverfittingMonitor", "CatastrophicOverfittingWarning", "monitors_from_config"]
