@@ -378,7 +378,9 @@ def _tree_np(t):
 
 @pytest.mark.parametrize("name,over", [
     ("awp_trades", {"objective.ema_decay": 0.8}),
-    ("mart", {"threat.norm": "l2", "threat.eps": 0.5}),
+    # ε_max = 2·ε_target reached after ~2 of the 6 steps: the objective clips ε to ε_target
+    ("mart", {"threat.norm": "l2", "threat.eps": 0.5, "objective.eps_schedule": schedule_config(
+        "linear", start_fraction=0.0, final_fraction=2.0, ramp_epochs=0.05)}),
     pytest.param("trades", {"objective.eps_schedule": schedule_config("cosine", ramp_epochs=0.1)},
                  marks=pytest.mark.slow),
     pytest.param("awp_at", {"threat.norm": "l2", "threat.eps": 0.5, "objective.ema_decay": 0.5},
@@ -390,7 +392,10 @@ def test_trains_end_to_end_and_resumes_bit_exactly(name, over, tmp_path):
     full = train(_run_config(name, **over), str(tmp_path / "full"), callbacks=[record])
     assert full["steps"] == 6 and full["compiles"] == {"update": 1}
     assert all(np.isfinite(v) for v in full["final_train_metrics"].values())
-    assert full["final_train_metrics"]["eps"] > 0
+    eps_target = _run_config(name, **over).threat.eps
+    assert 0 < full["final_train_metrics"]["eps"] <= eps_target + 1e-7
+    if "objective.eps_schedule" in over and over["objective.eps_schedule"].final_fraction > 1:
+        assert full["final_train_metrics"]["eps"] == pytest.approx(eps_target)
     assert train(_run_config(name, **over), str(tmp_path / "res"), callbacks=[stop_at(3)])["stopped_at"] == 3
     resumed = train(_run_config(name, **over), str(tmp_path / "res"))
     assert resumed["eval"] == full["eval"]
