@@ -50,7 +50,7 @@ from jaxrobust.train.objectives import (Objective, ObjectiveContext, ObjectiveOu
 
 AWP_EPS = 1e-20  # the reference AWP code's guard against a zero gradient norm
 START_NOISE = 1e-3  # TRADES / MART start: x + 0.001·N(0, I)
-AWP_BASES = ("pgd_at", "trades", "mart")
+AWP_BASES = ("pgd_at", "at", "trades", "mart")  # "at": the alias of pgd_at
 
 
 # ----------------------------------------------------------------------------- ε, β, γ
@@ -205,6 +205,7 @@ def _mart_points(ctx, params, model_state, batch, key, step):
 #                 loss_on_points(ctx, params, state, batch, x', step) -> (loss, state, metrics))
 METHODS: Dict[str, Tuple[Callable, Callable]] = {
     "pgd_at": (_pgd_at_points, at_loss_on_points),
+    "at": (_pgd_at_points, at_loss_on_points),
     "trades": (_trades_points, trades_loss_on_points),
     "mart": (_mart_points, mart_loss_on_points),
 }
