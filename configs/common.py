@@ -74,6 +74,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.objective.awp = ml_collections.ConfigDict()
     c.objective.awp.gamma = 5e-3
     c.objective.awp.base = "pgd_at"  # objective 'awp': pgd_at (or at) | trades | mart
+    c.objective.awp.warmup_epochs = 0.0  # epochs without the weight perturbation first
     # Certified training (jaxrobust/train/certified.py): PER eq 3.20 (α, C, constant β), Alg 3.6's
     # subsample B' (also MMR's; <= 0: the whole batch), MMR (Croce et al. 2019), SABR λ, MTL-IBP α.
     # Named schedules: kappa (ibp, crown_ibp), crown_beta (crown_ibp); per_beta, mmr_lambda and

@@ -450,3 +450,23 @@ def test_demo_config_smoke_through_the_command_line(tmp_path):
     assert s["steps"] == 4 and s["final_train_metrics"]["beta"] == 3.0
     assert s["final_train_metrics"]["awp_norm"] > 0
     assert load_trained(str(tmp_path), weights="ema").step == 4
+
+
+def test_awp_warmup_epochs_turn_the_perturbation_on_after_warmup(monkeypatch):
+    """awp.warmup_epochs = 1 with 40 examples in batches of 8: steps 0-4 are the base loss, step 5 on
+    perturbs."""
+    ctx = dataclasses.replace(_ctx(**{"awp.gamma": 0.05, "awp.warmup_epochs": 1.0}), n_train=40)
+    params, batch = _params(ctx), _batch()
+    xa = _x_adv(batch)
+    _, loss_on = adv.METHODS["pgd_at"]
+    monkeypatch.setitem(adv.METHODS, "pgd_at", (lambda *a: (xa, jnp.float32(0.1)), loss_on))
+    f = jax.jit(lambda s: get_objective("awp_at").loss(ctx, params, {}, {}, batch,
+                                                       jax.random.PRNGKey(0), s)[1].metrics)
+    base = float(loss_on(ctx, params, {}, batch, xa, 0)[0])
+    for step in (0, 4):
+        m = f(step)
+        assert float(m["awp_norm"]) == 0.0 and float(m["loss"]) == pytest.approx(base, rel=1e-6)
+    m = f(5)
+    assert float(m["awp_norm"]) > 0 and float(m["loss"]) > base
+    with pytest.raises(ValueError, match="warmup_epochs must be a number >= 0"):
+        adv.awp_gamma_at(_ctx(**{"awp.warmup_epochs": -1.0}), 0, B)

@@ -22,9 +22,10 @@ All of them: l_inf, l_2 (and l_1) through the run's threat model; the attack use
 ``objective.attack.bn_mode`` with gradients to the weights stopped; the training forward passes run in
 train mode (BatchNorm statistics updated by the clean then the adversarial batch, as the reference
 codes' successive calls). ``β`` is ``objective.beta`` or, when configured, the named schedule
-``objective.schedules.beta``; AWP's γ likewise ``objective.schedules.awp_gamma``. ``objective.ema_decay``
-> 0 keeps an EMA of the weights in ``extra['ema']`` (:func:`with_ema`;
-``load_trained(workdir, weights='ema')`` evaluates it).
+``objective.schedules.beta``; AWP's γ likewise ``objective.schedules.awp_gamma`` (and
+``objective.awp.warmup_epochs`` without AWP first, as the reference TRADES-AWP runs).
+``objective.ema_decay`` > 0 keeps an EMA of the weights in ``extra['ema']`` (:func:`with_ema`;
+``load_trained(workdir, weights='ema')`` evaluates it with the final BatchNorm statistics).
 
 ε schedules (thesis §4.2.4 eq. 4.29): ``ε_cos(d) = ½(1 − cos(πd/D))(ε_max − ε_min) + ε_min`` and
 ``ε_lin(d) = (ε_max − ε_min)·d/D + ε_min`` over the epoch d, clipped to [0, ε_target]. With
@@ -81,10 +82,22 @@ def beta_at(ctx: ObjectiveContext, step):
     return _scalar(ctx, "beta", step, ctx.cfg.beta, "beta")
 
 
-def awp_gamma_at(ctx: ObjectiveContext, step):
+def awp_gamma_at(ctx: ObjectiveContext, step, batch_size: int):
     """AWP relative size γ: ``ctx.schedules['awp_gamma'](step)`` if configured, else
-    ``objective.awp.gamma``."""
-    return _scalar(ctx, "awp_gamma", step, ctx.cfg.awp.gamma, "awp.gamma")
+    ``objective.awp.gamma``; 0 during the first ``objective.awp.warmup_epochs`` epochs (the reference
+    code's ``--awp-warmup``, which counts epochs from 1: its ``awp_warmup=10`` is ``warmup_epochs=9``).
+    An epoch is ``n_train // batch_size`` steps, as the loop counts them."""
+    gamma = _scalar(ctx, "awp_gamma", step, ctx.cfg.awp.gamma, "awp.gamma")
+    warm = ctx.cfg.awp.warmup_epochs
+    if isinstance(warm, bool) or not isinstance(warm, (int, float)) or warm < 0:
+        raise ValueError(f"objective.awp.warmup_epochs must be a number >= 0, got {warm!r}.")
+    if warm == 0:
+        return gamma
+    if ctx.n_train < batch_size:
+        raise ValueError(f"objective.awp.warmup_epochs needs the training-set size (ctx.n_train = "
+                         f"{ctx.n_train}) to be at least the batch size {batch_size}.")
+    warm_steps = int(round(warm * (ctx.n_train // batch_size)))
+    return jnp.where(step >= warm_steps, gamma, jnp.zeros_like(gamma))
 
 
 # ----------------------------------------------------------------------------- per-example terms
@@ -268,7 +281,7 @@ def awp_loss(base: Optional[str] = None) -> Callable:
         ctx = clipped_context(ctx)
         points, loss_on = _method(base if base is not None else ctx.cfg.awp.base)
         x_adv, eps = points(ctx, params, model_state, batch, key, step)
-        gamma = awp_gamma_at(ctx, step)
+        gamma = awp_gamma_at(ctx, step, batch["image"].shape[0])
         v = awp_perturbation(lambda p: loss_on(ctx, p, model_state, batch, x_adv, step)[0],
                              params, gamma)
         perturbed = jax.tree.map(jnp.add, params, v)
