@@ -417,7 +417,8 @@ def test_trains_end_to_end_and_resumes_bit_exactly(name, over, tmp_path):
         e = load_trained(str(tmp_path / "full"), weights="ema")
         jax.tree.map(np.testing.assert_array_equal, _tree_np(e.variables["params"]),
                      _tree_np(a.extra["ema"]))
-        assert not np.allclose(a.extra["ema"]["Dense_0"]["kernel"], a.variables["params"]["Dense_0"]["kernel"])
+        assert not np.allclose(a.extra["ema"]["Dense_0"]["kernel"],
+                               a.variables["params"]["Dense_0"]["kernel"])
     else:
         assert "ema" not in (a.extra or {})
 

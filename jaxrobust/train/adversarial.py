@@ -63,10 +63,7 @@ def eps_at(ctx: ObjectiveContext, step):
 
 def clipped_context(ctx: ObjectiveContext) -> ObjectiveContext:
     """``ctx`` whose ``schedules['eps']`` is :func:`eps_at` (what the attack helpers read)."""
-    raw = ctx.schedules["eps"]
-    target = ctx.threat.eps
-    return dataclasses.replace(ctx, schedules={
-        **ctx.schedules, "eps": lambda step: jnp.clip(raw(step), 0.0, target)})
+    return dataclasses.replace(ctx, schedules={**ctx.schedules, "eps": lambda step: eps_at(ctx, step)})
 
 
 def _scalar(ctx, name: str, step, value, what: str):
@@ -161,7 +158,7 @@ def at_loss_on_points(ctx, params, model_state, batch, x_adv, step):
 
 
 def trades_loss_on_points(ctx, params, model_state, batch, x_adv, step):
-    """TRADES (Zhang et al. 2019, eq. 5 of the paper): ``mean_b CE(f(x_b), y_b) + β·mean_b
+    """TRADES (Zhang et al. 2019, its training objective): ``mean_b CE(f(x_b), y_b) + β·mean_b
     KL(p(x_b) ‖ p(x'_b))`` with gradients through both distributions, as the reference code."""
     y, mask = batch["label"], batch["mask"]
     logits, state = forward_train(ctx.model, params, model_state, batch["image"])
@@ -176,7 +173,7 @@ def trades_loss_on_points(ctx, params, model_state, batch, x_adv, step):
 
 
 def mart_loss_on_points(ctx, params, model_state, batch, x_adv, step):
-    """MART (Wang et al. 2020, eq. 9 of the paper, as its reference code):
+    """MART (Wang et al. 2020, the loss of its reference code):
     ``mean_b [CE(f(x'_b), y_b) − log(1.0001 − p_ŷ(x'_b) + 1e-12)]
     + β·mean_b [Σ_k p_k(x_b)(log p_k(x_b) − log(p_k(x'_b) + 1e-12))·(1.0000001 − p_y(x_b))]``,
     ŷ the most probable wrong class of p(x'_b)."""
@@ -253,9 +250,9 @@ def is_awp_weight(leaf) -> bool:
 
 
 def awp_perturbation(loss_of_params: Callable, params, gamma):
-    """One normalised ascent step in weight space (Wu et al. 2020, eq. 6 of the paper; the reference
-    code's proxy step): ``v_l = γ‖w_l‖ g_l / (‖g_l‖ + 1e-20)``, ``g = ∇_w loss_of_params(w)``, for every
-    leaf with ndim > 1 (Frobenius norms per leaf), 0 elsewhere. No gradient flows through ``v``."""
+    """One normalised ascent step in weight space (Wu et al. 2020; the reference code's proxy step):
+    ``v_l = γ‖w_l‖ g_l / (‖g_l‖ + 1e-20)``, ``g = ∇_w loss_of_params(w)``, for every leaf
+    with ndim > 1 (Frobenius norms per leaf), 0 elsewhere. No gradient flows through ``v``."""
     w = jax.lax.stop_gradient(params)
     g = jax.grad(loss_of_params)(w)
 
