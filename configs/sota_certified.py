@@ -7,8 +7,8 @@ Argument ``cifar10_cnn7_<method>_<2|8>[,smoke]`` with method in {sabr, mtl_ibp, 
 Recipe (as reported by Shi et al. 2021, Müller et al. 2023, De Palma et al. 2024; check against the
 papers before quoting numbers): Adam lr 5e-4, batch 128, 160 epochs (2/255) / 260 epochs (8/255),
 lr x0.2 at epochs 120 and 140 (2/255) / 220 and 240 (8/255), gradient clipping at norm 10; ε ramped
-from 0 after one epoch of clean training over 80 (2/255) / 80 (8/255) epochs (a linear ramp here; the
-papers' smoothed ramp is not reproduced); training ε = 8.8/255 for the 8/255 runs (1.1 ε, as IBP
+linearly from 0 over the first 81 epochs (the papers hold ε = 0 for one epoch, then ramp smoothly over
+80: not reproduced exactly); training ε = 8.8/255 for the 8/255 runs (1.1 ε, as IBP
 papers do), evaluation at the nominal ε; random crop + flip augmentation; PGD for SABR/MTL-IBP with
 8 steps (2/255) / 8 steps (8/255). SABR λ = 0.1 (2/255) / 0.7 (8/255); MTL-IBP α = 0.04 (2/255) /
 0.5 (8/255) (not tuned here). IBP κ 1 -> 0 and CROWN-IBP β 1 -> 0 with κ 1 -> 0 over the ramp

@@ -133,7 +133,8 @@ def per_regularizer(d, alpha, beta, C: int):
     ``d`` (B, K) (row y = +inf is never among them when C <= K-1). (B,)."""
     C = min(int(C), d.shape[-1] - 1)
     smallest = -jax.lax.top_k(-d, C)[0]
-    return beta * jnp.sum(jnp.maximum(0.0, 1.0 - smallest / alpha), axis=-1)
+    # d̂ >= α contributes exactly zero, gradient included (also at the kink d̂ = α)
+    return beta * jnp.sum(jnp.where(smallest < alpha, 1.0 - smallest / alpha, 0.0), axis=-1)
 
 
 def _clean(ctx, params, model_state, batch):

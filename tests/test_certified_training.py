@@ -1,0 +1,318 @@
+"""Certified-training objectives (jaxrobust/train/certified.py) and their configs (Tables 3.6-3.8,
+sota_certified): PER (eq 3.20) properties, envelope distances vs certify, IBP / CROWN-IBP losses vs
+the clean CE and the bound API, a real certified-accuracy ordering (ibp vs at), smoke runs."""
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import sota_certified, table3_6, table3_7, table3_8
+from configs.common import base_config, schedule_config, with_defaults
+from jaxrobust.bounds import crown_bounds, ibp_bounds, margin_bounds
+from jaxrobust.certify import signed_distances
+from jaxrobust.models import create_model, init_variables, make_logits_fn
+from jaxrobust.threat import ThreatModel
+from jaxrobust.train import certified as C
+from jaxrobust.train import get_objective, load_trained, train
+from jaxrobust.train.objectives import ObjectiveContext, standard_loss
+from test_train import REPO
+
+SHAPE = (6, 6, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _net(activation="relu", widths=(12,)):
+    model = create_model("fc", 10, widths=widths, activation=activation)
+    variables = init_variables(model, jax.random.PRNGKey(0), SHAPE)
+    return model, variables
+
+
+def _batch(n=8, seed=1):
+    x = jax.random.uniform(jax.random.PRNGKey(seed), (n,) + SHAPE)
+    y = jnp.arange(n) % 10
+    return {"image": x, "label": y, "index": jnp.arange(n), "mask": jnp.ones(n, bool)}
+
+
+def _ctx(model, norm="linf", eps=0.1, kappa=0.0, beta=1.0, **cert):
+    cfg = with_defaults(base_config()).objective
+    cfg.attack.steps = 2
+    for k, v in cert.items():
+        cfg.certified[k] = v
+    scheds = {"eps": lambda s: jnp.asarray(eps, jnp.float32),
+              "kappa": lambda s: jnp.asarray(kappa, jnp.float32),
+              "crown_beta": lambda s: jnp.asarray(beta, jnp.float32)}
+    return ObjectiveContext(model=model, threat=ThreatModel(norm=norm, eps=eps), schedules=scheds,
+                            cfg=cfg, num_classes=10, n_train=8)
+
+
+# ----------------------------------------------------------------------------- PER (eq 3.20)
+def test_per_is_zero_with_zero_gradient_when_every_distance_reaches_alpha():
+    d = jnp.array([[jnp.inf, 0.2, 0.3, 0.25, 0.21, 0.5, 0.22, 0.4, 0.3, 0.2]])
+    assert float(C.per_regularizer(d, 0.2, 1.0, 4)[0]) == 0.0
+    g = jax.grad(lambda d: C.per_regularizer(d, 0.2, 1.0, 4).sum())(d)
+    assert np.all(np.asarray(g)[np.isfinite(np.asarray(d))] == 0)
+    # one distance below α: exactly the hinge of that one (β (1 - d/α)), and the C=4 smallest only
+    d2 = d.at[0, 5].set(0.1)
+    assert float(C.per_regularizer(d2, 0.2, 3.0, 4)[0]) == pytest.approx(3.0 * 0.5)
+    d3 = jnp.array([[jnp.inf, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0]])
+    assert float(C.per_regularizer(d3, 0.5, 1.0, 4)[0]) == pytest.approx(3.0 + 3.0)  # 1+1+1+(1+2)
+
+
+def test_per_on_a_model_is_zero_when_the_envelope_is_far_and_its_gradient_matches_finite_differences():
+    model, variables = _net("sigmoid")
+    batch = _batch()
+    x, y = batch["image"], batch["label"]
+    params = variables["params"]
+    def per(p, alpha=0.3):
+        c2 = _ctx(model, eps=0.05, per_alpha=alpha, per_beta=1.0)
+        return C.per_terms(c2, p, {}, x, x, y, batch["mask"], jax.random.PRNGKey(0), 0, "fastlin")
+
+    value, _, d = per(params)
+    assert float(value) > 0
+    # α below every distance... only possible when all are positive: shrink α under the smallest one
+    dmin = float(jnp.min(d))
+    if dmin > 0:
+        assert float(per(params, alpha=0.5 * dmin)[0]) == 0.0
+    # directional derivative in the parameters vs central finite differences (smooth sigmoid net)
+    f = jax.jit(lambda p: per(p)[0])
+    g = jax.grad(f)(params)
+    direction = jax.tree.map(lambda a: jax.random.normal(jax.random.PRNGKey(3), a.shape), params)
+    h = 3e-3  # float32: smaller steps are dominated by rounding
+    plus = jax.tree.map(lambda a, v: a + h * v, params, direction)
+    minus = jax.tree.map(lambda a, v: a - h * v, params, direction)
+    fd = (float(f(plus)) - float(f(minus))) / (2 * h)
+    an = sum(float(jnp.sum(a * v)) for a, v in zip(jax.tree.leaves(g), jax.tree.leaves(direction)))
+    assert an == pytest.approx(fd, rel=1e-2)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("method", ["fastlin", "ibp_linear"])
+def test_envelope_distances_equal_certify_signed_distances_with_finite_gradients(norm, method):
+    model, variables = _net("relu")
+    batch = _batch()
+    x, y = batch["image"], batch["label"]
+    threat = ThreatModel(norm=norm, eps=0.05)
+    fn = make_logits_fn(model, variables)
+    mb = margin_bounds(fn, x, y, threat, method=method)
+    ours = C.envelope_signed_distances(mb, x, y, norm)
+    ref = signed_distances(mb, x, y, norm)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-6)
+    # the objective's own path (I-PER uses 'ibp_linear', L-PER 'fastlin') gives the same distances
+    ctx = _ctx(model, norm=norm, eps=0.05)
+    _, _, d = C.per_terms(ctx, variables["params"], {}, x, x, y, batch["mask"],
+                          jax.random.PRNGKey(0), 0, method)
+    np.testing.assert_allclose(np.asarray(d), np.asarray(ref), rtol=1e-4, atol=1e-5)
+    # gradients in the parameters are finite (row y's zero U has no NaN norm gradient, l_2 included)
+    g = jax.grad(lambda p: C.per_terms(ctx, p, {}, x, x, y, batch["mask"], jax.random.PRNGKey(0), 0,
+                                       method)[0])(variables["params"])
+    assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(g))
+
+
+def test_subsample_draws_distinct_valid_rows():
+    mask = jnp.array([True] * 6 + [False] * 4)
+    for s in range(5):
+        idx, m = C.subsample(jax.random.PRNGKey(s), mask, 4)
+        idx = np.asarray(idx)
+        assert len(set(idx.tolist())) == 4 and np.all(idx < 6) and bool(jnp.all(m))
+    idx, m = C.subsample(jax.random.PRNGKey(0), mask, 0)
+    assert np.array_equal(np.asarray(idx), np.arange(10)) and np.array_equal(m, mask)
+
+
+# ----------------------------------------------------------------------------- IBP / CROWN-IBP / KW
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_ibp_crown_ibp_and_kw_losses_upper_bound_the_clean_ce(norm):
+    model, variables = _net("relu")
+    batch = _batch()
+    params = variables["params"]
+    eps = 0.05 if norm == "linf" else 0.3
+    clean, _ = standard_loss(_ctx(model, norm, eps), params, {}, {}, batch, None, 0)
+    for kappa in (0.0, 0.5):
+        for beta in (0.0, 0.5, 1.0):
+            ctx = _ctx(model, norm, eps, kappa=kappa, beta=beta)
+            l_ibp, _ = C.ibp_loss(ctx, params, {}, {}, batch, jax.random.PRNGKey(0), 0)
+            l_cibp, _ = C.crown_ibp_loss(ctx, params, {}, {}, batch, jax.random.PRNGKey(0), 0)
+            assert float(l_ibp) >= float(clean) - 1e-6 and float(l_cibp) >= float(clean) - 1e-6
+    l_kw, _ = C.kw_loss(_ctx(model, norm, eps), params, {}, {}, batch, None, 0)
+    assert float(l_kw) >= float(clean) - 1e-6
+    # at ε = 0 the bounds are exact: the robust CE is the clean CE
+    l0, _ = C.ibp_loss(_ctx(model, norm, 0.0), params, {}, {}, batch, None, 0)
+    assert float(l0) == pytest.approx(float(clean), rel=1e-5)
+
+
+def test_crown_ibp_at_beta_one_is_the_crown_ibp_bound():
+    model, variables = _net("relu")
+    x = _batch()["image"]
+    y = jnp.full((x.shape[0],), 3)  # one label: the margins z_3 - z as a function crown_bounds takes
+    threat = ThreatModel(norm="linf", eps=0.05)
+    fn = make_logits_fn(model, variables)
+    lower = C.crown_ibp_lower(fn, x, y, threat, jnp.float32(1.0))
+    margins = lambda xb: (lambda z: z[:, 3:4] - z)(fn(xb))
+    ref, _ = crown_bounds(margins, x, threat, method="crown_ibp", intersect_ibp=False)
+    off = np.arange(10) != 3
+    np.testing.assert_allclose(np.asarray(lower)[:, off], np.asarray(ref)[:, off], rtol=1e-5, atol=1e-5)
+    # β = 0 is IBP (last layer elided), looser than CROWN-IBP here
+    ibp = C.crown_ibp_lower(fn, x, y, threat, jnp.float32(0.0))
+    ibp_ref = margin_bounds(fn, x, y, threat, method="ibp").lower
+    np.testing.assert_allclose(np.asarray(ibp), np.asarray(ibp_ref), rtol=1e-6, atol=1e-6)
+    # the loss uses exactly this bound: κ = 0, β = 1 -> mean robust CE of it
+    ctx = _ctx(model, "linf", 0.05, kappa=0.0, beta=1.0)
+    batch = {**_batch(), "label": y}
+    loss, _ = C.crown_ibp_loss(ctx, variables["params"], {}, {}, batch, None, 0)
+    assert float(loss) == pytest.approx(float(jnp.mean(C.robust_ce(lower, y))), rel=1e-5)
+
+
+def test_sabr_centres_keep_the_small_region_inside_the_ball():
+    model, _ = _net("relu")
+    x = _batch()["image"]
+    far = jnp.clip(x + 0.3 * jnp.sign(jax.random.normal(jax.random.PRNGKey(5), x.shape)), 0, 1)
+    for norm, eps in (("linf", 0.1), ("l2", 0.5)):
+        ctx = _ctx(model, norm, eps)
+        c = C.sabr_centers(ctx, x, far, eps, 0.4)
+        assert bool(jnp.all(ctx.threat.replace(eps=0.6 * eps).contains(x, c)))
+        assert bool(jnp.all((c >= 0) & (c <= 1)))
+
+
+def test_mmr_rejects_non_relu_nets_and_penalises_close_boundaries():
+    model, variables = _net("sigmoid")
+    with pytest.raises(ValueError, match="ReLU"):
+        get_objective("mmr").loss(_ctx(model), variables["params"], {}, {}, _batch(), None, 0)
+    model, variables = _net("relu")
+    x, y = _batch()["image"], _batch()["label"]
+    r_small = C.mmr_regularizer(_ctx(model, mmr_gamma_b=1e-7, mmr_gamma_d=1e-7), variables["params"], x, y)
+    r_big = C.mmr_regularizer(_ctx(model, mmr_gamma_b=1e3, mmr_gamma_d=1e3), variables["params"], x, y)
+    # γ -> inf: every hinge -> 1 (boundary mean + decision mean = 2); γ -> 0: only misclassified
+    # points (a negative signed decision distance) are penalised
+    np.testing.assert_allclose(np.asarray(r_big), 2.0, atol=1e-2)
+    correct = np.asarray(jnp.argmax(make_logits_fn(model, variables)(x), -1) == y)
+    assert np.all(np.asarray(r_small)[correct] == 0) and np.all(np.asarray(r_small)[~correct] > 0)
+
+
+def test_cnn7_trains_with_ibp_bounds_and_bn():
+    model = create_model("cnn7", 10, width=2, linear=8)
+    variables = init_variables(model, jax.random.PRNGKey(0), (4, 4, 3))
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 4, 4, 3))
+    batch = {"image": x, "label": jnp.arange(4), "index": jnp.arange(4), "mask": jnp.ones(4, bool)}
+    ctx = _ctx(model, "linf", 2 / 255, kappa=0.5, beta=1.0)
+    state = {"batch_stats": variables["batch_stats"]}
+    g = jax.jit(jax.grad(lambda p: C.ibp_loss(ctx, p, state, {}, batch, None, 0)[0]))(
+        variables["params"])
+    assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(g))
+    assert sum(float(jnp.abs(a).sum()) for a in jax.tree.leaves(g)) > 0
+
+
+# ----------------------------------------------------------------------------- configs
+def test_config_arguments_and_table3_5_values():
+    c = table3_6.get_config("mnist5k_fc1_iper_at")
+    assert (c.threat.norm, c.threat.eps, c.objective.name) == ("linf", 0.1, "iper_at")
+    assert (c.optimizer.name, c.optimizer.lr, c.data.batch_size, c.train.num_epochs) == \
+        ("adam", 1e-3, 100, 100.0)
+    assert (c.objective.certified.per_alpha, c.objective.certified.per_beta) == (0.15, 0.1)
+    assert c.objective.eps_schedule.name == "exponential"
+    c = table3_6.get_config("cifar10_cnn_lper_at")
+    assert (c.objective.certified.per_beta, c.objective.certified.subsample) == (1e-3, 10)
+    c = table3_7.get_config("mnist5k_cnn_lper")
+    assert (c.threat.norm, c.threat.eps, c.objective.certified.per_alpha) == ("l2", 0.3, 0.45)
+    c = table3_8.get_config("mnist5k_fc1tanh_iper,l2,smoke")
+    assert (c.model.kwargs.activation, c.threat.norm, c.train.num_steps) == ("tanh", "l2", 3)
+    for bad in ("mnist5k_fc3_ibp", "svhn_fc1_ibp", "mnist5k_fc1_per", "mnist5k_fc1_ibp,quick"):
+        with pytest.raises(ValueError, match="method in"):
+            table3_6.get_config(bad)
+    with pytest.raises(ValueError, match="ReLU"):
+        table3_8.get_config("mnist5k_fc1sigmoid_mmr")
+    c = sota_certified.get_config("cifar10_cnn7_sabr_8")
+    assert (c.model.name, c.objective.certified.sabr_lambda, c.train.num_epochs) == ("cnn7", 0.7, 260.0)
+    with pytest.raises(ValueError, match="cifar10_cnn7_ibp_2"):
+        sota_certified.get_config("cifar10_cnn7_kw_2")
+
+
+# ----------------------------------------------------------------------------- smoke runs
+def _smoke(method, norm, activation, tmp_path):
+    net = "fc1" if activation == "relu" else "fc1sigmoid"
+    mod = {"linf": table3_6, "l2": table3_7}[norm] if activation == "relu" else table3_8
+    arg = f"mnist5k_{net}_{method},smoke" + (",l2" if activation != "relu" and norm == "l2" else "")
+    c = mod.get_config(arg)
+    c.data.name, c.data.batch_size = "digits", 32
+    c.model.name, c.model.kwargs.widths = "fc", (16,)
+    c.objective.certified.subsample = 8 if method in ("mmr", "mmr_at") else 0
+    summary = train(c, str(tmp_path))
+    assert summary["steps"] == 3 and summary["compiles"] == {"update": 1}
+    assert all(np.isfinite(v) for v in summary["final_train_metrics"].values())
+    return c
+
+
+DEFAULT_SMOKE = [("crown_ibp", "l2", "sigmoid"), ("lper_at", "linf", "relu"), ("sabr", "l2", "relu"),
+                 ("mmr_at", "linf", "relu")]
+ALL_SMOKE = [(m, n, a) for m in table3_6.METHODS for n in ("linf", "l2") for a in ("relu", "sigmoid")
+             if not (a == "sigmoid" and m.startswith("mmr")) and (m, n, a) not in DEFAULT_SMOKE]
+
+
+@pytest.mark.parametrize("method,norm,activation", DEFAULT_SMOKE)
+def test_smoke_config_trains(method, norm, activation, tmp_path):
+    _smoke(method, norm, activation, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,norm,activation", ALL_SMOKE)
+def test_smoke_config_trains_full_cross_product(method, norm, activation, tmp_path):
+    _smoke(method, norm, activation, tmp_path)
+
+
+@pytest.mark.slow
+def test_smoke_run_certifies_end_to_end(tmp_path):
+    _smoke("iper_at", "linf", "relu", tmp_path)
+    out = subprocess.run([sys.executable, "-m", "experiments.certify",
+                          "--config=configs/certify/table3_6.py", f"--workdir={tmp_path}",
+                          "--config.num_examples=16"],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cert = json.load(open(os.path.join(tmp_path, "certify.json")))
+    assert cert
+
+
+# ----------------------------------------------------------------------------- a real ordering
+def _synthetic_run(method, tmp_path, steps):
+    c = base_config()
+    c.data.name, c.data.batch_size, c.data.pixel_range = "synthetic2d", 100, (-1.0, 1.0)
+    c.model.name, c.model.kwargs.widths, c.model.normalize = "fc", (32, 32), False
+    c.threat.norm, c.threat.eps, c.threat.box = "linf", 0.04, (-1.0, 1.0)
+    c.objective.name = method
+    c.objective.attack.steps = 5
+    ramp = schedule_config("linear", start_fraction=0.0, final_fraction=1.0, ramp_epochs=steps / 90 / 2)
+    c.objective.eps_schedule = ramp
+    c.objective.schedules.kappa = schedule_config("linear", value=1.0, start_fraction=1.0,
+                                                  final_fraction=0.5, ramp_epochs=steps / 90 / 2)
+    c.optimizer.name, c.optimizer.lr, c.optimizer.weight_decay = "adam", 5e-3, 0.0
+    c.schedule.name = "constant"
+    c.train.num_steps = steps
+    c.train.log_every = steps
+    c.train.eval_every_epochs = 0.0
+    c.train.tensorboard = False
+    c.eval.num_examples = 200
+    c.eval.attack.steps = 5
+    train(c, str(tmp_path / method))
+    run = load_trained(str(tmp_path / method))
+    test = run.dataset.split("test").get(np.arange(500))
+    x, y = jnp.asarray(test["image"]), jnp.asarray(test["label"])
+    fn = make_logits_fn(run.model, run.variables)
+    threat = ThreatModel(norm="linf", eps=0.04, box=(-1.0, 1.0))
+    cert = {}
+    for m in ("ibp", "fastlin"):
+        lower = margin_bounds(fn, x, y, threat, method=m).lower
+        cert[m] = float(C.certified_fraction(lower, y, jnp.ones(len(y), bool)))
+    return cert
+
+
+@pytest.mark.slow
+def test_ibp_training_certifies_far_more_than_at_and_lper_at_more_with_lin(tmp_path):
+    at = _synthetic_run("at", tmp_path, 400)
+    ibp = _synthetic_run("ibp", tmp_path, 400)
+    lper = _synthetic_run("lper_at", tmp_path, 400)
+    print({"at": at, "ibp": ibp, "lper_at": lper})
+    assert ibp["ibp"] >= at["ibp"] + 0.2
+    assert lper["fastlin"] > at["fastlin"]
