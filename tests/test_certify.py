@@ -280,3 +280,13 @@ def test_entry_points_assert_shapes_under_jit():
         jax.jit(lambda x, y: certify(f, x, y, t))(x, y[:5])
     with pytest.raises(TypeError, match="ThreatModel"):
         certify(f, x, y, "linf")
+
+
+def test_nonuniform_entry_checks():
+    f, x, y = _relu_net()
+    with pytest.raises(ValueError, match="labels"):
+        nonuniform_bounds(f, x, y.at[0].set(9), iterations=1)
+    with pytest.raises(ValueError, match="init"):
+        nonuniform_bounds(f, x, y, init=jnp.ones((3, 10)), iterations=1)
+    with pytest.raises(AssertionError):
+        jax.jit(lambda x, y: nonuniform_bounds(f, x, y, iterations=1))(x, y[:4])

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple, Optional
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
 
 from jaxrobust.bounds.linear import margin_bounds
+from jaxrobust.certify.pec import _check_entry
 from jaxrobust.threat import ThreatModel
 
 
@@ -53,9 +55,15 @@ def nonuniform_bounds(fn: Callable, x, y, *, norm: str = "linf", box=(0.0, 1.0),
       delta: δ of (3.9), the required margin lower bound.
       lr: Adam step on the scaled ζ (default 0.02 uniform, 0.005 non-uniform).
     """
+    _check_entry("nonuniform_bounds", fn, x, y, ThreatModel(norm, eps0, box=box))
     dt = x.dtype
     B = x.shape[0]
     feat = x.shape[1:]
+    if init is not None and jnp.shape(init) not in ((B,) + tuple(feat), tuple(feat)):
+        raise ValueError(f"nonuniform_bounds: init must have shape {(B,) + tuple(feat)} or {tuple(feat)}, "
+                         f"got {jnp.shape(init)}.")
+    if fallback is not None:
+        chex.assert_shape(fallback, (B,) + tuple(feat))
     if init is None:
         eps_init = jnp.full((B,) + feat, eps0, dt)
     else:

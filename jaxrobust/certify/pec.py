@@ -174,17 +174,14 @@ def _check_entry(name, fn, x, y, threat: ThreatModel):
     if not isinstance(threat, ThreatModel):
         raise TypeError(f"{name}: threat must be a ThreatModel, got {type(threat).__name__}.")
     x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
-    threat.validate_inputs(x, y)
-    out = jax.eval_shape(fn, jax.ShapeDtypeStruct(x.shape, x.dtype))
-    if not hasattr(out, "shape") or len(out.shape) != 2 or out.shape[0] != x.shape[0]:
-        raise ValueError(f"{name}: fn must return logits of shape ({x.shape[0]}, K) for x of shape {x.shape}, "
-                         f"got {getattr(out, 'shape', type(out))}.")
-    num_classes = int(out.shape[1])
-    if y is not None and not isinstance(y, jax.core.Tracer):
-        yv = np.asarray(y)
-        if yv.size and (yv.min() < 0 or yv.max() >= num_classes):
-            raise ValueError(f"{name}: labels must lie in [0, {num_classes}) for fn's {num_classes} classes, "
-                             f"got range [{yv.min()}, {yv.max()}].")
+    num_classes = None
+    if x.ndim >= 2:  # else validate_inputs says a batch axis is expected
+        out = jax.eval_shape(fn, jax.ShapeDtypeStruct(x.shape, x.dtype))
+        if not hasattr(out, "shape") or len(out.shape) != 2 or out.shape[0] != x.shape[0]:
+            raise ValueError(f"{name}: fn must return logits of shape ({x.shape[0]}, K) for x of shape "
+                             f"{x.shape}, got {getattr(out, 'shape', type(out))}.")
+        num_classes = int(out.shape[1])
+    threat.validate_inputs(x, y, num_classes=num_classes)
     chex.assert_rank(y, 1)
     chex.assert_axis_dimension(y, 0, x.shape[0])
     chex.assert_type([x, y], [float, int])
