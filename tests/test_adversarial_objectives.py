@@ -5,6 +5,7 @@ every objective training end to end through ``train`` and resuming bit-exactly."
 import dataclasses
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -471,3 +472,41 @@ def test_awp_warmup_epochs_turn_the_perturbation_on_after_warmup(monkeypatch):
     assert float(m["awp_norm"]) > 0 and float(m["loss"]) > base
     with pytest.raises(ValueError, match="warmup_epochs must be a number >= 0"):
         adv.awp_gamma_at(_ctx(**{"awp.warmup_epochs": -1.0}), 0, B)
+
+
+class _TinyBN(nn.Module):
+    """Conv -> BatchNorm -> ReLU -> Dense: BatchNorm statistics and 1-D BN parameters."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(3, (3, 3))(x)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.5)(x)
+        return nn.Dense(K)(nn.relu(x).reshape((x.shape[0], -1)))
+
+
+@pytest.mark.parametrize("name,base", [("awp_trades", "trades"), ("awp", "mart")])
+def test_batchnorm_state_and_parameters_under_awp(name, base, monkeypatch):
+    """The returned BatchNorm statistics are those of the train-mode forwards at w + v (clean, then
+    adversarial batch); BN scale/bias are never perturbed."""
+    model = _TinyBN()
+    x = jax.random.uniform(jax.random.PRNGKey(0), (B, 4, 4, 1))
+    variables = model.init(jax.random.PRNGKey(1), x)
+    params, state = variables["params"], {"batch_stats": variables["batch_stats"]}
+    ctx = dataclasses.replace(_ctx(**{"awp.gamma": 0.05, "awp.base": base}), model=model)
+    batch = {**_batch(), "image": x}
+    xa = _x_adv(batch)
+    _, loss_on = adv.METHODS[base]
+    monkeypatch.setitem(adv.METHODS, base, (lambda *a: (xa, jnp.float32(0.1)), loss_on))
+    obj = get_objective(name)
+    _, out = jax.jit(lambda p, s: obj.loss(ctx, p, s, {}, batch, jax.random.PRNGKey(2), 0))(params, state)
+    v = adv.awp_perturbation(lambda p: loss_on(ctx, p, state, batch, xa, 0)[0], params, 0.05)
+    for leaf in ("scale", "bias"):
+        assert np.all(np.asarray(v["BatchNorm_0"][leaf]) == 0)
+    assert np.abs(np.asarray(v["Conv_0"]["kernel"])).max() > 0
+    pv = jax.tree.map(jnp.add, params, v)
+    _, s1 = jmodels.forward_train(model, pv, state, x)
+    _, s2 = jmodels.forward_train(model, pv, s1, xa)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 out.model_state, s2)
+    mean = lambda s: s["batch_stats"]["BatchNorm_0"]["mean"]
+    assert not np.allclose(mean(s2), mean(s1))
