@@ -510,3 +510,21 @@ def test_batchnorm_state_and_parameters_under_awp(name, base, monkeypatch):
                  out.model_state, s2)
     mean = lambda s: s["batch_stats"]["BatchNorm_0"]["mean"]
     assert not np.allclose(mean(s2), mean(s1))
+
+
+@pytest.mark.parametrize("loss", ["kl", "ce"])
+def test_inner_maximisation_uses_the_attack_bn_mode(loss):
+    """bn_mode='eval' (running statistics): each example's point is independent of the others';
+    bn_mode='train' (batch statistics): changing one example moves the others' points."""
+    model = _TinyBN()
+    x = jax.random.uniform(jax.random.PRNGKey(0), (B, 4, 4, 1))
+    variables = model.init(jax.random.PRNGKey(1), x)
+    params, state = variables["params"], {"batch_stats": variables["batch_stats"]}
+    batch = {**_batch(), "image": x}
+    batch2 = {**batch, "image": x.at[0].set(1.0 - x[0])}
+    for mode, independent in (("eval", True), ("train", False)):
+        ctx = dataclasses.replace(_ctx(**{"attack.bn_mode": mode, "attack.steps": 2}), model=model)
+        f = jax.jit(lambda b: adv.inner_maximisation(ctx, params, state, b, jax.random.PRNGKey(3), 0,
+                                                     loss)[0])
+        a, b = np.asarray(f(batch))[1:], np.asarray(f(batch2))[1:]
+        assert np.array_equal(a, b) == independent, mode
