@@ -110,8 +110,9 @@ def _l1_capped_gain(w, c, t):
     """l_1 (fractional knapsack): the dual min_θ>=0 θ t + Σ c_j (w_j - θ)_+ is attained at the
     smallest θ in {0} ∪ {w_j} with Σ_{w_j > θ} c_j <= t (the steepest coordinates are used up first).
     That θ is a float, and the condition is monotone in θ, so bisection on the bits of non-negative
-    floats (ordered like their integer bit patterns) finds it exactly, in 32 passes for float32 (64 for
-    float64). The dual value at any θ is >= the maximum (sound)."""
+    floats (ordered like their integer bit patterns) finds it exactly, in at most 32 passes for float32
+    (64 for float64), none where the steepest coordinates absorb the whole budget (no box). The dual
+    value at any θ is >= the maximum (sound)."""
     if w.dtype not in (jnp.float32, jnp.float64):
         return _l1_capped_gain(*(a.astype(jnp.float32) for a in (w, c, t))).astype(w.dtype)
     ibits, steps = (jnp.int32, 32) if w.dtype == jnp.float32 else (jnp.int64, 64)
@@ -120,17 +121,22 @@ def _l1_capped_gain(w, c, t):
     def feasible(theta):  # Σ_{w_j > θ} c_j <= t: the budget reaches down to θ
         return jnp.sum(jnp.where(ws > theta[..., None], cs, 0.0), axis=-1) <= ts
 
-    hi = jax.lax.bitcast_convert_type(jnp.max(ws, axis=-1), ibits)  # θ = max w is always feasible
-    lo = jnp.full_like(hi, -1)  # invariant: θ(lo) infeasible (or lo = -1), θ(hi) feasible
+    wmax = jnp.max(ws, axis=-1)
+    hi = jax.lax.bitcast_convert_type(wmax, ibits)  # θ = max w is always feasible
+    # Where the steepest coordinates alone can absorb the budget (always without a box: caps 1e15),
+    # θ = max w is the answer and the row starts closed; the loop ends once every row is closed.
+    steepest_absorb = jnp.sum(jnp.where(ws >= wmax[..., None], cs, 0.0), axis=-1) > ts
+    lo = jnp.where(steepest_absorb & (hi > 0), hi - 1, -1)  # θ(lo) infeasible (or lo = -1), θ(hi) feasible
 
-    def body(_, s):
-        lo, hi = s
+    def body(s):
+        lo, hi, k = s
         mid = lo + (hi - lo) // 2  # in (lo, hi) while hi - lo >= 2, so >= 0
         open_ = hi - lo >= 2
         f = feasible(jax.lax.bitcast_convert_type(jnp.maximum(mid, 0), w.dtype))
-        return jnp.where(open_ & ~f, mid, lo), jnp.where(open_ & f, mid, hi)
+        return jnp.where(open_ & ~f, mid, lo), jnp.where(open_ & f, mid, hi), k + 1
 
-    _, hi = jax.lax.fori_loop(0, steps, body, (lo, hi))
+    _, hi, _ = jax.lax.while_loop(lambda s: (s[2] < steps) & jnp.any(s[1] - s[0] >= 2), body,
+                                  (lo, hi, jnp.asarray(0)))
     theta = jax.lax.bitcast_convert_type(hi, w.dtype)
     th = theta[..., None]
     # The dual is not differentiable in w_j at the threshold coordinate(s) w_j = θ (θ moves with them);
