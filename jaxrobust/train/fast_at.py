@@ -13,7 +13,8 @@ Registered objectives (``objective.name``; settings under ``objective.fast``):
   of ``nfgsm_step``·ε (= ε) from x + η, NO projection back onto the ε-ball (only onto the box):
   ‖δ‖_∞ ≤ (k + 1)ε = 3ε. l_inf only.
 - ``atta`` (Zheng et al. 2020): a per-instance perturbation cache ``extra['instance']['delta']``
-  (dataset index → δ_i in the un-augmented frame). Each step reads δ_i, applies the batch's crop/flip,
+  (dataset index → δ_i in the un-augmented frame; ``seen`` flags visited examples, whose first visit
+  starts from U(ε-ball ∩ box)). Each step reads δ_i, applies the batch's crop/flip,
   projects it onto the current ε-ball ∩ box, runs ``cache_steps`` signed steps of ``atta_step``·ε
   (ATTA-1: 4/255 at ε = 8/255), trains on the result, and writes x_adv − x back after inverting the
   crop/flip (pixels the crop did not cover keep their cached value).

@@ -20,7 +20,6 @@ stops the run at the first collapse.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import warnings
