@@ -148,6 +148,25 @@ def _threat(ctx, step):
     return ctx.threat.replace(eps=_f32(eps)), eps
 
 
+def check_bounds_init(*methods):
+    """An ``Objective.init`` that traces the model's bounds with ``methods`` once on a dummy input
+    (shapes only, no compute) when the train state is created: a model with a primitive the bound
+    rules do not support fails before training starts, with the bounds' error naming the primitive."""
+    def init(ctx, params, n_train, input_shape):
+        x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
+        y = jnp.zeros((1,), jnp.int32)
+
+        def trace():
+            variables = ctx.model.init(jax.random.PRNGKey(0), x, train=False)
+            state = {k: v for k, v in variables.items() if k != "params"}
+            fn = bound_logits_fn(ctx, variables["params"], state)
+            return [margin_bounds(fn, x, y, ctx.threat, method=m).lower for m in methods]
+
+        jax.eval_shape(trace)
+        return {}
+    return init
+
+
 # ----------------------------------------------------------------------------- IBP / CROWN-IBP / KW
 def ibp_loss(ctx, params, model_state, extra, batch, key, step):
     """Gowal et al. (2019): L = κ CE(z(x), y) + (1-κ) CE(-m_IBP(x, ε), y), with m_IBP the interval
@@ -378,17 +397,18 @@ METHOD_NAMES = ("plain", "at", "kw", "ibp", "crown_ibp", "mmr", "mmr_at", "lper"
 
 register("plain", get_objective("standard"))
 register("at", get_objective("pgd_at"))
-register("kw", Objective(init=None, loss=kw_loss))
-register("ibp", Objective(init=None, loss=ibp_loss, schedules=("kappa",)))
-register("crown_ibp", Objective(init=None, loss=crown_ibp_loss, schedules=("kappa", "crown_beta")))
+register("kw", Objective(init=check_bounds_init("fastlin"), loss=kw_loss))
+register("ibp", Objective(init=check_bounds_init("ibp"), loss=ibp_loss, schedules=("kappa",)))
+register("crown_ibp", Objective(init=check_bounds_init("ibp", "crown_ibp"), loss=crown_ibp_loss,
+                                schedules=("kappa", "crown_beta")))
 register("mmr", Objective(init=None, loss=_mmr_objective(False)))
 register("mmr_at", Objective(init=None, loss=_mmr_objective(True)))
-for _name in LINEAR_METHODS:
-    register(_name, Objective(init=None, loss=_per_objective(_name)))
-register("sabr", Objective(init=None, loss=sabr_loss))
-register("mtl_ibp", Objective(init=None, loss=mtl_ibp_loss))
+for _name, _method in LINEAR_METHODS.items():
+    register(_name, Objective(init=check_bounds_init(_method), loss=_per_objective(_name)))
+register("sabr", Objective(init=check_bounds_init("ibp"), loss=sabr_loss))
+register("mtl_ibp", Objective(init=check_bounds_init("ibp"), loss=mtl_ibp_loss))
 
 __all__ = ["METHOD_NAMES", "LINEAR_METHODS", "bound_logits_fn", "robust_ce", "certified_fraction",
-           "subsample", "safe_dual_norm", "envelope_signed_distances", "per_regularizer", "per_terms",
+           "subsample", "safe_dual_norm", "envelope_signed_distances", "per_regularizer", "per_terms", "check_bounds_init",
            "crown_ibp_lower", "mmr_regularizer", "sabr_centers", "ibp_loss", "crown_ibp_loss",
            "kw_loss", "sabr_loss", "mtl_ibp_loss"]
