@@ -307,30 +307,67 @@ def test_import_keeps_only_ynn_dot_fusions_on_jaxlib_010_and_respects_user_flags
     assert out == mine
 
 
-def test_nchw_convolutions_fall_back_to_dense_rows_with_one_warning(monkeypatch):
-    """The patch form is NHWC-only: an NCHW network gets the dense rows' bounds (same numbers) and
-    one warning that names the layout and the rows' memory per example (not a silent fall-back)."""
-    import warnings as _w
-    k1 = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 3, 3)) * 0.5  # OIHW
-    k2 = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 3)) * 0.4
-    W = jax.random.normal(jax.random.PRNGKey(2), (3 * 6 * 6, K)) * 0.3
+def _nchw_net():
+    """NCHW / OIHW convolutions (strided, padded), NCHW max pooling, a bias in (1, C, 1, 1)."""
+    k1 = jax.random.normal(jax.random.PRNGKey(0), (4, 2, 3, 3)) * 0.5  # OIHW
+    k2 = jax.random.normal(jax.random.PRNGKey(1), (3, 4, 3, 3)) * 0.4
+    b1 = jax.random.normal(jax.random.PRNGKey(4), (1, 4, 1, 1)) * 0.1
+    W = jax.random.normal(jax.random.PRNGKey(2), (3 * 4 * 4, K)) * 0.3
     dn = ("NCHW", "OIHW", "NCHW")
 
-    def f(x):
-        h = jax.nn.relu(jax.lax.conv_general_dilated(x, k1, (1, 1), "SAME", dimension_numbers=dn))
-        h = jax.nn.relu(jax.lax.conv_general_dilated(h, k2, (1, 1), "SAME", dimension_numbers=dn) - 0.1)
+    def f(x):  # (B, 2, 16, 16)
+        h = jax.nn.relu(jax.lax.conv_general_dilated(x, k1, (1, 1), "SAME", dimension_numbers=dn) + b1)
+        h = jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 1, 3, 3), (1, 1, 2, 2), "SAME")  # 8x8
+        h = jnp.tanh(jax.lax.conv_general_dilated(h, k2, (2, 2), ((1, 1), (1, 1)), dimension_numbers=dn))
         return h.reshape(x.shape[0], -1) @ W
+    return f
 
-    x = jax.random.uniform(jax.random.PRNGKey(3), (2, 2, 6, 6))
+
+@pytest.mark.parametrize("kind", ["linf_box", pytest.param("l2_per_feature", marks=pytest.mark.slow)])
+def test_nchw_convolutions_run_in_patch_form_with_the_dense_bounds(kind):
+    """The patch form follows each value's layout (set by the convolutions' dimension_numbers):
+    an NCHW network's conv layers run on windows (it used to fall back to dense rows silently) and
+    give the dense rows' bounds."""
+    f = _nchw_net()
+    x = jax.random.uniform(jax.random.PRNGKey(3), (2, 2, 16, 16))
+    tm = _threat(kind, (2, 16, 16))
+    calls = []
+    original = patches.intermediate_bounds
+
+    def spy(*a, **k):
+        calls.append(1)
+        return original(*a, **k)
+
+    patches.intermediate_bounds = spy
+    try:
+        lo, hi = jax.jit(lambda x, tm: crown_bounds(f, x, tm, **KW))(x, tm)
+    finally:
+        patches.intermediate_bounds = original
+    assert len(calls) >= 1  # (at least) the tanh input after the NCHW max pooling and strided conv
+    dlo, dhi = jax.jit(lambda x, tm: crown_bounds(f, x, tm, patches=False, **KW))(x, tm)
+    np.testing.assert_allclose(lo, dlo, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(hi, dhi, rtol=1e-4, atol=1e-5)
+
+
+def test_a_conv_layout_without_patch_form_warns_once_with_the_memory(monkeypatch):
+    """1-d convolutions have no patch form: the dense fall-back says why and how much memory."""
+    import warnings as _w
+    k1 = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 3)) * 0.5  # OIW
+    k2 = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3)) * 0.5
+    dn = ("NCH", "OIH", "NCH")
+
+    def f(x):  # (B, 2, 12)
+        h = jax.nn.relu(jax.lax.conv_general_dilated(x, k1, (1,), "SAME", dimension_numbers=dn))
+        h = jax.nn.relu(jax.lax.conv_general_dilated(h, k2, (1,), "SAME", dimension_numbers=dn) - 0.1)
+        return h.reshape(x.shape[0], -1)[:, :K]
+
+    x = jax.random.uniform(jax.random.PRNGKey(3), (2, 2, 12))
     tm = ThreatModel("linf", 0.05)
     monkeypatch.setattr(patches, "_WARN_BYTES", 0)
     monkeypatch.setattr(patches, "_WARNED", set())
-    with pytest.warns(UserWarning, match=r"NCHW->NCHW.*MiB per example"):
+    with pytest.warns(UserWarning, match=r"1 spatial dimensions.*MiB per example"):
         lo, hi = crown_bounds(f, x, tm)
     with _w.catch_warnings():
         _w.simplefilter("error")  # once per reason
-        lo2, hi2 = crown_bounds(f, x, tm)
-        dlo, dhi = crown_bounds(f, x, tm, patches=False)
-    np.testing.assert_allclose(lo, dlo, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(hi, dhi, rtol=1e-6, atol=1e-6)
+        lo2, _ = crown_bounds(f, x, tm)
     np.testing.assert_allclose(lo, lo2)

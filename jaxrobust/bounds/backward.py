@@ -80,6 +80,7 @@ class Tape:
         self.producer: Dict[int, int] = {}
         self.done: set = set()  # refs whose interval was already tightened by CROWN
         self.level: Dict[int, int] = {}  # exactness level of each ref's interval
+        self.layout: Dict[int, tuple] = {}  # non-NHWC image layouts found by the patch form
         self.n = 0
 
     def new(self, shape, dtype):

@@ -8,7 +8,7 @@ each row is stored only on its window: the rows of all positions form an array
 and the window of a layer is the same for all positions up to a shift, ``start = position · stride
 + offset`` (the "patches" idea of auto_LiRPA, derived here from the traced jaxpr):
 
-* a convolution (NHWC, stride s, kernel k, dilation d, padding p) maps a window (S, o, K) of its
+* a convolution (stride s, kernel k, dilation d, padding p; any 2-d layout) maps a window (S, o, K) of its
   output to the window (S·s, o·s - p, (K - 1)·s + (k - 1)·d + 1) of its input; the rows are pulled
   back by ``jax.vjp`` of the same convolution applied to a window-sized crop without padding;
 * element-wise affine nodes (bias, BatchNorm in eval mode, normalisation, residual sums) multiply the
@@ -20,6 +20,13 @@ and the window of a layer is the same for all positions up to a shift, ``start =
 Entries of a window that fall outside the layer (the convolution's zero padding) are masked to zero
 after every spatial pull-back: they stand for constants, not for inputs. At the input the bound is
 concretised row by row on the window patches of x and of the box (exact, as in the dense pass).
+
+Layouts: the windows are kept in (H, W, C) order. A value's layout is set by the
+``dimension_numbers`` of the convolutions that produce or consume it (NHWC, NCHW, any permutation)
+and carried through element-wise, activation, pooling and reshape nodes; values of another layout
+are transposed to (H, W, C) when their patches are extracted and the convolution is pulled back
+through its NHWC/HWIO equivalent. Convolutions without a 2-d patch form (1-d, 3-d) fall back to
+dense rows with one warning giving the rows' memory per example.
 
 The result equals the dense pass to float rounding; it is used when every node on the way back is
 one of the above and the windows are smaller than the maps (``local_plan``), otherwise the dense
@@ -50,7 +57,6 @@ PATCH_RULES.update({p: "layout" for p in (lax.reshape_p, lax.broadcast_in_dim_p,
 PATCH_RULES.update({p: "spatial" for p in (lax.conv_general_dilated_p, lax.reduce_window_sum_p)})
 PATCH_RULES[lax.reduce_window_max_p] = "maxpool"
 PATCH_RULES.update({p: "act" for p in ACTIVATION_LINES})
-_NHWC = ((0, 3, 1, 2), (0, 3, 1, 2))  # lhs_spec, out_spec of an NHWC convolution
 # A window-crop convolution is pulled back by one dense (window_out x window_in) matrix when its
 # flop inflation over the convolution times min(C_in, C_out) is at most this (XLA:CPU runs
 # convolutions of few channels at 2-15 GFLOP/s and matmuls at 120-190: measured on the shapes of
@@ -70,7 +76,7 @@ class Window(NamedTuple):
     size: tuple
 
 
-def _hwc(shape):
+def _hwc_shape(shape):
     """(H, W, C) of an NHWC value with a unit batch axis, or of an (H, W, C) input."""
     shape = tuple(shape)
     if len(shape) == 4 and shape[0] == 1:
@@ -80,18 +86,122 @@ def _hwc(shape):
     raise NotLocal(f"value of shape {shape} is not an image")
 
 
+# Layouts: the patch form works on (1, H, W, C) / (H, W, C) arrays; ``tape.layout[rid]`` is the
+# permutation that brings a value of another layout (NCHW, ...) there (absent: already NHWC).
+def _is_identity(perm):
+    return perm is None or tuple(perm) == tuple(range(len(perm)))
+
+
+def _canon_shape(tape, rid):
+    shape, perm = tuple(tape.shape[rid]), tape.layout.get(rid)
+    return shape if _is_identity(perm) else tuple(shape[i] for i in perm)
+
+
+def _hwc(tape, rid):
+    """(H, W, C) of the tape value ``rid`` in its layout."""
+    return _hwc_shape(_canon_shape(tape, rid))
+
+
+def canon(tape, rid, arr):
+    """A value of ref ``rid``'s shape (or broadcastable to it) in the (1,) H, W, C layout."""
+    arr = jnp.broadcast_to(arr, tape.shape[rid])
+    perm = tape.layout.get(rid)
+    return arr if _is_identity(perm) else jnp.transpose(arr, perm)
+
+
+def uncanon(tape, rid, arr):
+    """Inverse of :func:`canon`: an (H, W, C)-ordered array back to ref ``rid``'s shape."""
+    perm = tape.layout.get(rid)
+    arr = jnp.reshape(arr, _canon_shape(tape, rid))
+    return arr if _is_identity(perm) else jnp.transpose(arr, np.argsort(perm))
+
+
+def _spec_perm(spec):
+    """Permutation from a convolution operand's layout (batch, feature, s0, s1) to (N, H, W, C)."""
+    if len(spec) != 4:
+        raise NotLocal(f"convolution layout with {len(spec) - 2} spatial dimensions (the patch form "
+                       "handles 2-d images)")
+    return (spec[0], spec[2], spec[3], spec[1])
+
+
+def _convert_perm(perm, rank):
+    """The same layout for a value with a unit leading axis added (rank 4) or removed (rank 3)."""
+    if len(perm) == rank:
+        return tuple(perm)
+    if len(perm) == 4 and rank == 3 and perm[0] == 0:
+        return tuple(a - 1 for a in perm[1:])
+    if len(perm) == 3 and rank == 4:
+        return (0,) + tuple(a + 1 for a in perm)
+    raise NotLocal("a layout change between values that are not images")
+
+
+def _assign_layouts(tape, start_id):
+    """Layouts of the values on the way back from ``start_id``: set by convolutions'
+    dimension_numbers and carried through element-wise, activation, pooling and reshape nodes."""
+    reach, nodes = {start_id}, []
+    for ni in range(tape.producer[start_id], -1, -1):
+        node = tape.nodes[ni]
+        if node.out.id in reach:
+            nodes.append(node)
+            reach.update(a.id for a in _deps(node))
+    lay = {}
+
+    def put(rid, perm):
+        perm = _convert_perm(perm, len(tape.shape[rid]))
+        if rid in lay:
+            if lay[rid] != perm:
+                raise NotLocal("values of different layouts meet")
+            return False
+        lay[rid] = perm
+        return True
+
+    for node in nodes:
+        if node.prim is lax.conv_general_dilated_p and isinstance(node.ins[0], Ref):
+            dn = node.params["dimension_numbers"]
+            put(node.out.id, _spec_perm(dn.out_spec))
+            put(node.ins[0].id, _spec_perm(dn.lhs_spec))
+    changed = True
+    while changed:
+        changed = False
+        for node in nodes:
+            if node.prim is lax.conv_general_dilated_p or node.prim not in PATCH_RULES:
+                continue
+            ids = [node.out.id] + [a.id for a in _deps(node)]
+            known = [lay[i] for i in ids if i in lay]
+            if known:
+                for i in ids:
+                    changed |= put(i, known[0])
+    tape.layout.update({k: v for k, v in lay.items() if not _is_identity(v)})
+
+
 def _deps(node):
     return [a for a in node.ins if isinstance(a, Ref)]
 
 
-def _spatial_params(node):
+def _pool_params(node, tape):
+    """A reduce_window's parameters in the (N, H, W, C) order of its operand's layout."""
+    p = node.params
+    perm = tape.layout.get(node.ins[0].id) if isinstance(node.ins[0], Ref) else None
+    if _is_identity(perm) or len(p["window_dimensions"]) != 4:
+        return p
+    if perm[1] > perm[2]:  # window elements must be enumerated H-major, as in the NHWC case
+        raise NotLocal("pooling over a W-before-H layout")
+    per = lambda v: tuple(v[i] for i in perm)
+    out = dict(p, window_dimensions=per(p["window_dimensions"]), window_strides=per(p["window_strides"]),
+               padding=per(p["padding"]))
+    for k in ("window_dilation", "base_dilation"):
+        if k in p:
+            out[k] = per(p[k])
+    return out
+
+
+def _spatial_params(node, tape):
     """(strides, low paddings, kernel extents (k - 1)·d + 1) of a conv / pooling node."""
     p = node.params
     if node.prim is lax.conv_general_dilated_p:
         dn = p["dimension_numbers"]
-        if (tuple(dn.lhs_spec), tuple(dn.out_spec)) != _NHWC:
-            raise NotLocal(f"convolution layout {_layout_name(dn)} (the patch form needs NHWC inputs "
-                           "and outputs)")
+        if len(dn.lhs_spec) != 4:
+            raise NotLocal(f"convolution layout {_layout_name(dn)} (the patch form needs 2-d images)")
         if any(v != 1 for v in p["lhs_dilation"]) \
                 or p.get("batch_group_count", 1) != 1 or not isinstance(node.ins[0], Ref) \
                 or isinstance(node.ins[1], Ref):
@@ -100,6 +210,7 @@ def _spatial_params(node):
         ext = [(kk - 1) * dd + 1 for kk, dd in zip(k, p["rhs_dilation"])]
         return tuple(p["window_strides"]), tuple(lo for lo, _ in p["padding"]), tuple(ext)
     # reduce_window_sum / reduce_window_max over (1, H, W, C) with unit batch / channel windows
+    p = _pool_params(node, tape)
     dims, strides = p["window_dimensions"], p["window_strides"]
     wdil = p.get("window_dilation", (1,) * len(dims))
     if len(dims) != 4 or dims[0] != 1 or dims[3] != 1 or strides[0] != 1 or strides[3] != 1 \
@@ -114,16 +225,16 @@ def input_window(node, w: Window, tape) -> Window:
     """Window of the node's input-dependent operand(s) for rows living on ``w`` at its output."""
     name = node.prim.name
     deps = _deps(node)
-    out_hwc = _hwc(tape.shape[node.out.id])
+    out_hwc = _hwc(tape, node.out.id)
     rule = PATCH_RULES.get(node.prim)
     if rule in ("spatial", "maxpool"):
-        s, plo, ext = _spatial_params(node)
+        s, plo, ext = _spatial_params(node, tape)
         return Window(tuple(a * b for a, b in zip(w.stride, s)),
                       tuple(o * ss - pp for o, ss, pp in zip(w.offset, s, plo)),
                       tuple((k - 1) * ss + e for k, ss, e in zip(w.size, s, ext)))
     if rule in ("elementwise", "layout", "act"):
         for a in deps:
-            if _hwc(tape.shape[a.id]) != out_hwc or int(np.prod(tape.shape[a.id])) != int(np.prod(out_hwc)):
+            if _hwc(tape, a.id) != out_hwc or int(np.prod(tape.shape[a.id])) != int(np.prod(out_hwc)):
                 raise NotLocal(f"'{name}' broadcasts an input-dependent operand")
         return w
     raise NotLocal(f"no patch rule for '{name}'")
@@ -141,12 +252,14 @@ class Plan(NamedTuple):
     windows: Dict[int, Window]  # final (union) window of every ref on the way back
     patch_cost: int
     dense_cost: int
+    layouts: Optional[Dict[int, tuple]] = None  # non-NHWC layouts (permutations to NHWC)
 
 
 def plan_or_reason(tape, start_id: int, x_id: int):
     """(Plan, None) for a backward pass from ``start_id`` in patch form, or (None, why not)."""
     try:
-        hwc = _hwc(tape.shape[start_id])
+        _assign_layouts(tape, start_id)
+        hwc = _hwc(tape, start_id)
         if start_id == x_id or hwc[0] * hwc[1] <= 1:
             return None, "not a spatial layer"
         win = {start_id: Window((1, 1), (0, 0), (1, 1))}
@@ -163,12 +276,12 @@ def plan_or_reason(tape, start_id: int, x_id: int):
         return None, str(e)
     patch = dense = 0
     for rid, w in win.items():
-        h, wd, c = _hwc(tape.shape[rid])
+        h, wd, c = _hwc(tape, rid)
         patch += w.size[0] * w.size[1] * c
         dense += h * wd * c
     if patch >= dense:
         return None, "the windows are not smaller than the maps"
-    return Plan(win, patch, dense), None
+    return Plan(win, patch, dense, {k: tape.layout[k] for k in win if k in tape.layout}), None
 
 
 def local_plan(tape, start_id: int, x_id: int) -> Optional[Plan]:
@@ -193,8 +306,7 @@ def warn_dense_fallback(reason: str, n_rows: int, n_in: int, itemsize: int, wher
     _WARNED.add(reason)
     warnings.warn(f"CROWN intermediate bounds of a convolutional layer{(' at ' + where) if where else ''} "
                   f"use dense rows, not receptive-field patches: {reason}. Dense rows take "
-                  f"{nbytes / 2 ** 20:.0f} MiB per example (times the batch under vmap); use NHWC "
-                  "convolutions for the patch form.", stacklevel=3)
+                  f"{nbytes / 2 ** 20:.0f} MiB per example (times the batch under vmap).", stacklevel=3)
 
 
 def _layout_name(dn) -> str:
@@ -215,7 +327,7 @@ def _index(n_pos, stride, offset, size, extent):
 def extract(arr, w: Window, grid):
     """Window patches of an (H, W, C) / (1, H, W, C) array for each position of ``grid`` (Hs, Ws):
     (Hs, Ws, 1, Kh, Kw, C), zero outside the array."""
-    h, wd, c = _hwc(arr.shape)
+    h, wd, c = _hwc_shape(arr.shape)
     a = jnp.reshape(arr, (h, wd, c))
     ih, _ = _index(grid[0], w.stride[0], w.offset[0], w.size[0], h)
     iw, _ = _index(grid[1], w.stride[1], w.offset[1], w.size[1], wd)
@@ -268,20 +380,23 @@ def _pull_spatial(node, lam, w_out: Window, w_in: Window, tape, grid, dep_id):
     hs, ws, r = lam.shape[:3]
     if node.prim is lax.conv_general_dilated_p:
         p = node.params
-        kernel = node.ins[1]
-        cin = _hwc(tape.shape[dep_id])[2]
+        rs = p["dimension_numbers"].rhs_spec
+        kernel = jnp.transpose(jnp.asarray(node.ins[1]), (rs[2], rs[3], rs[1], rs[0]))  # HWIO
+        cin = _hwc(tape, dep_id)[2]
         cout = lam.shape[-1]
-        crop_params = dict(p, padding=((0, 0), (0, 0)))
+        # the same convolution on the windows' (1, H, W, C) layout, whatever the node's layout
+        nhwc = lax.conv_dimension_numbers((1, 1, 1, cin), kernel.shape, ("NHWC", "HWIO", "NHWC"))
+        crop_params = dict(p, padding=((0, 0), (0, 0)), dimension_numbers=nhwc)
 
         def crop_conv(z):
             return jax.lax.conv_general_dilated(
                 z, kernel, p["window_strides"], ((0, 0), (0, 0)), rhs_dilation=p["rhs_dilation"],
-                dimension_numbers=p["dimension_numbers"], feature_group_count=p["feature_group_count"],
+                dimension_numbers=nhwc, feature_group_count=p["feature_group_count"],
                 precision=p.get("precision"), preferred_element_type=p.get("preferred_element_type"))
 
         n = hs * ws * r
         flat = lam.reshape((n,) + lam.shape[3:])
-        _, _, ext = _spatial_params(node)
+        _, _, ext = _spatial_params(node, tape)
         rows_size, in_size = int(np.prod(lam.shape[3:])), w_in.size[0] * w_in.size[1] * cin
         inflation = (w_in.size[0] * w_in.size[1]) / (ext[0] * ext[1])
         if inflation * min(cin, cout) <= _MATMUL_INFLATION and rows_size * in_size <= _MATMUL_ENTRIES:
@@ -298,14 +413,14 @@ def _pull_spatial(node, lam, w_out: Window, w_in: Window, tape, grid, dep_id):
                 _, vjp = jax.vjp(crop_conv, z0)
                 g = vjp(flat.astype(z0.dtype))[0]
         return g.reshape((hs, ws, r) + g.shape[1:])
-    offsets, s = _pool_offsets(node.params)
+    offsets, s = _pool_offsets(_pool_params(node, tape))
     return _scatter_offsets([lam] * len(offsets), offsets, s, w_out.size, w_in.size)
 
 
 def backward_local(tape, start_id: int, x_id: int, plan: Plan, opts):
     """Identity specification at ``start_id`` (rows: every neuron, lower then upper) pulled back in
     patch form. Returns (Λ at the input (Hs, Ws, 2C, Kh, Kw, Cx), bias (Hs, Ws, 2C))."""
-    hs, ws, c = _hwc(tape.shape[start_id])
+    hs, ws, c = _hwc(tape, start_id)
     grid = (hs, ws)
     dtype = tape.dtype[start_id]
     wins = plan.windows
@@ -335,7 +450,7 @@ def backward_local(tape, start_id: int, x_id: int, plan: Plan, opts):
         if node.kind == "act":
             al, bl, au, bu = node_activation_lines(node, tape.iv[deps[0].id], opts)
             pos, neg = pos_neg(lam)
-            ex = lambda a: extract(jnp.broadcast_to(a, tape.shape[rid]), w_out, grid)
+            ex = lambda a: extract(canon(tape, rid, a), w_out, grid)
             bias = bias + fold(pos * ex(bl) + neg * ex(bu))
             add(deps[0].id, pos * ex(al) + neg * ex(au), w_in)
         elif node.kind == "maxpool":
@@ -343,30 +458,30 @@ def backward_local(tape, start_id: int, x_id: int, plan: Plan, opts):
             iv = tape.iv[dep.id]
             onehot, dominant, upper = maxpool_lines(iv.lo, iv.hi, node.params, dtype)
             pos, neg = pos_neg(lam)
-            bias = bias + fold(neg * extract(upper, w_out, grid))
-            lam_sel = pos + neg * extract(dominant, w_out, grid)
-            offsets, s = _pool_offsets(node.params)
-            vals = [lam_sel * extract(onehot[k], w_out, grid) for k in range(len(offsets))]
+            bias = bias + fold(neg * extract(canon(tape, rid, upper), w_out, grid))
+            lam_sel = pos + neg * extract(canon(tape, rid, dominant), w_out, grid)
+            offsets, s = _pool_offsets(_pool_params(node, tape))
+            vals = [lam_sel * extract(canon(tape, rid, onehot[k]), w_out, grid) for k in range(len(offsets))]
             g = _scatter_offsets(vals, offsets, s, w_out.size, w_in.size)
-            add(dep.id, g * _mask(w_in, grid, _hwc(tape.shape[dep.id])[:2]).astype(dtype), w_in)
+            add(dep.id, g * _mask(w_in, grid, _hwc(tape, dep.id)[:2]).astype(dtype), w_in)
         elif PATCH_RULES[node.prim] == "spatial":
             dep = deps[0]
             g = _pull_spatial(node, lam, w_out, w_in, tape, grid, dep.id)
-            add(dep.id, g * _mask(w_in, grid, _hwc(tape.shape[dep.id])[:2]).astype(dtype), w_in)
+            add(dep.id, g * _mask(w_in, grid, _hwc(tape, dep.id)[:2]).astype(dtype), w_in)
         else:  # element-wise affine or layout: h(v) = Σ_i a_i ⊙ v_i + h(0)
             dep_pos, h = node_function(node)
             zeros = [jnp.zeros(tape.shape[node.ins[i].id], tape.dtype[node.ins[i].id]) for i in dep_pos]
             h0 = h(*zeros)
             layout = PATCH_RULES[node.prim] == "layout"
             if not layout:
-                bias = bias + fold(lam * extract(h0, w_out, grid))
+                bias = bias + fold(lam * extract(canon(tape, rid, h0), w_out, grid))
             for k, i in enumerate(dep_pos):
                 if layout:
                     slope_p = None
                 else:
                     tangents = [jnp.ones_like(z) if j == k else jnp.zeros_like(z) for j, z in enumerate(zeros)]
                     slope = jax.jvp(h, zeros, tangents)[1]
-                    slope_p = extract(slope, w_out, grid)
+                    slope_p = extract(canon(tape, rid, slope), w_out, grid)
                 add(node.ins[i].id, lam if slope_p is None else lam * slope_p, w_in)
     if paired:
         lams = {k: jnp.concatenate([v, -v], axis=2) for k, v in lams.items()}
@@ -374,7 +489,7 @@ def backward_local(tape, start_id: int, x_id: int, plan: Plan, opts):
     lam_x = lams.get(x_id)
     if lam_x is None:
         lam_x = jnp.zeros((hs, ws, 2 * c) + wins.get(x_id, Window((1, 1), (0, 0), (1, 1))).size
-                          + (_hwc(tape.shape[x_id])[2],), dtype)
+                          + (_hwc(tape, x_id)[2],), dtype)
     return lam_x, bias
 
 
@@ -391,7 +506,7 @@ def concretise_local(lam_x, bias, w: Window, x, scale, lo, hi, eps, norm):
 def intermediate_bounds(tape, start_id: int, x_id: int, plan: Plan, opts, x, scale, lo, hi, eps, norm):
     """(lower, upper) of the value ``start_id`` by the patch-form backward pass (its shape)."""
     lam_x, bias = backward_local(tape, start_id, x_id, plan, opts)
-    low = concretise_local(lam_x, bias, plan.windows[x_id], x, scale, lo, hi, eps, norm)
+    xc = [canon(tape, x_id, v) for v in (x, scale, lo, hi)]
+    low = concretise_local(lam_x, bias, plan.windows[x_id], *xc, eps, norm)
     c = low.shape[2] // 2
-    shape = tape.shape[start_id]
-    return low[..., :c].reshape(shape), -low[..., c:].reshape(shape)
+    return uncanon(tape, start_id, low[..., :c]), uncanon(tape, start_id, -low[..., c:])
