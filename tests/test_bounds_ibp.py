@@ -209,3 +209,20 @@ def test_margin_bounds_reject_out_of_range_labels():
             ibp_margin_lower_bounds(f, x, bad, tm)
     with pytest.raises(ValueError, match="batch axis"):
         ibp_bounds(f, x[0], tm)
+
+
+@pytest.mark.parametrize("norm", ["l2", "l1"])
+def test_ball_ibp_gradients_are_finite_at_zero_eps(norm):
+    """Certified training starts its ε schedule at 0: the dual-norm rows must not give NaN gradients."""
+    m = create_model("fc", 3, widths=(8,))
+    v = init_variables(m, jax.random.PRNGKey(0), (5,))
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 5))
+
+    def width(v, eps):
+        lo, hi = ibp_bounds(lambda z: m.apply(v, z), x, ThreatModel(norm, eps))
+        return jnp.sum(hi - lo)
+
+    for eps in (0.0, 0.3):
+        g = jax.grad(width)(v, eps)
+        assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(g)), eps
+    assert float(jnp.abs(jax.grad(width)(v, 0.3)["params"]["Dense_0"]["kernel"]).sum()) > 0

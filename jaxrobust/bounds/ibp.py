@@ -144,7 +144,8 @@ def _dual_norm_rows(prim, params, ball_first, s, w, norm):
     (q = 2 for the l_2 ball, inf for l_1), or None where no exact rule applies."""
     args = (lambda a, b: (a, b) if ball_first else (b, a))
     if norm == "l2":
-        return jnp.sqrt(prim.bind(*args(s * s, w * w), **params))
+        # (floored: finite gradients where a row or ε is 0, e.g. at the start of an ε schedule)
+        return jnp.sqrt(jnp.maximum(prim.bind(*args(s * s, w * w), **params), 1e-30))
     # l_1: max_j |w_ij s_j|: products of the contraction terms, reduced by max one term at a time.
     if not ball_first:
         return None
