@@ -213,6 +213,30 @@ def test_atas_objective_uses_hand_computed_v_and_step(tmp_path):
     np.testing.assert_allclose(upd["delta"], expect, atol=1e-6)
 
 
+def test_atta_takes_k_steps_from_the_cached_start():
+    c = cache_config(**{"objective.name": "atta", "data.augment": "none"})
+    c.objective.fast.cache_steps, c.objective.fast.atta_step = 2, 0.3
+    setup, state = _setup(c)
+    b = _batch(setup, 16)
+    inst = dict(state.extra["instance"])
+    start = 0.05 * jnp.sign(jax.random.normal(jax.random.PRNGKey(2), (16, 8, 8, 1)))
+    inst["delta"] = inst["delta"].at[b["index"]].set(start)
+    inst["seen"] = inst["seen"].at[b["index"]].set(True)
+    extra = {**state.extra, "instance": inst}
+    xa, upd, _ = fast_at.cache_attack(setup.ctx, state.params, state.model_state, extra, b,
+                                      jax.random.PRNGKey(1), 0, adaptive=False)
+    logits_fn = lambda x: setup.model.apply({"params": state.params, **state.model_state}, x)
+    grad = jax.grad(lambda x: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        logits_fn(x), b["label"])))
+    x = b["image"]
+    e = jnp.clip(x + start, 0.0, 1.0)
+    for _ in range(2):  # two signed steps of 0.3ε from the cached start, projected
+        e = jnp.clip(jnp.clip(e + 0.3 * EPS * jnp.sign(grad(e)), x - EPS, x + EPS), 0.0, 1.0)
+    np.testing.assert_allclose(xa, e, atol=1e-6)
+    np.testing.assert_allclose(upd["delta"], e - x, atol=1e-6)
+    assert bool(jnp.all(upd["seen"]))
+
+
 # ----------------------------------------------------------------------------- Free / N-FGSM / GA
 def _free_config(m):
     c = cache_config(**{"objective.name": "free", "data.augment": "none"})

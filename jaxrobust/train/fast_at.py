@@ -269,9 +269,8 @@ def cache_attack(ctx, params, model_state, extra, batch, key, step, *, adaptive:
         k = _positive_int(f.cache_steps, "cache_steps")
         alpha = _nonneg(f.atta_step, "atta_step") * eps
 
-        def body(_, xa):
-            return _signed_step(threat, x, xa, _mean_ce_grad(logits_fn, xa, y, mask), alpha)
-        xa = jax.lax.fori_loop(0, k, body, xa, unroll=True)
+        for _ in range(k):  # k is small and static (ATTA-1 / ATTA-k): unrolled
+            xa = _signed_step(threat, x, xa, _mean_ce_grad(logits_fn, xa, y, mask), alpha)
     xa = jax.lax.stop_gradient(xa)
     updates["delta"] = write_cache(xa - x, extra["instance"]["delta"][batch["index"]], batch,
                                    f.cache_dtype)
