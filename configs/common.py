@@ -102,7 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.objective.fast.atas_rule = "released"  # atas: 'thesis' (eq. 5.16) | 'released' (clamped)
     c.objective.fast.atas_c = 0.01  # atas: C of eq. 5.16 / c of the released rule (ImageNet 0.1)
     c.objective.fast.atas_beta = 0.5  # atas: β of eq. 5.15
-    c.objective.fast.atas_alpha = 2.0  # atas 'thesis': α_i = 2ε at v = 0 (γ/C = 16/255 at 8/255)
+    c.objective.fast.atas_alpha = 2.0  # atas: α_i = 2ε at v = 0 (γ/C = 16/255 at 8/255)
+    c.objective.fast.atas_min_step = 0.5  # atas 'released': α_i >= 0.5ε (4/255 at 8/255)
+    c.objective.fast.atas_max_step = 1.75  # atas 'released': α_i <= 1.75ε (14/255 at 8/255)
     c.objective.fast.free_replays = 8  # free: m
     c.objective.fast.yopo_m = 5  # yopo: YOPO-m-n
     c.objective.fast.yopo_n = 3

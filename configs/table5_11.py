@@ -12,15 +12,17 @@ SGD momentum 0.9, initial lr 0.1, weight decay 5e-4 (ImageNet 1e-4), crop+flip; 
 learning rate of the fast-AT papers (the thesis reports the better of cyclic and piece-wise). FGSM-RS
 α = 1.25ε; FGSM-GA λ = 0.2 / 0.5 / 0.005 (CIFAR-10 / CIFAR-100 / ImageNet); ATTA-1 α = 4/255 (ε/2);
 ATAS: β = 0.5, c = 0.01 (ImageNet 0.1) with the released code's clamped step rule
-(``objective.fast.atas_rule='released'``: α_i = clip(2ε·c/(c + √v_i), ε/2, 1.75ε); switch to eq. 5.16
-with ``--config.objective.fast.atas_rule=thesis``); FreeAT m = 8 (ImageNet 4) for 10 (45) epochs;
+(``objective.fast.atas_rule='released'``: α_i = clip(2ε·c/(c + √v_i), ε/2, 1.75ε), at ImageNet's
+ε = 2/255 the released script's clip(16/255·c/(c + √v_i), 4/255, 8/255); switch to eq. 5.16 with
+``--config.objective.fast.atas_rule=thesis``); FreeAT m = 8 (ImageNet 4) for 10 (45) epochs;
 YOPO-5-3 for 12 (36) epochs. ImageNet caches (ATTA/ATAS/Free) are stored at 32x32 in bfloat16.
 fashion_mnist (ε = 0.1) and mnist5k (ε = 0.3: where single-step methods overfit catastrophically)
 use Adam 1e-3 (cyclic), no augmentation, 20 epochs. The catastrophic-overfitting monitor
 (``train.monitor``) is on. Evaluation (PGD-10, PGD-50, AutoAttack): ``experiments.evaluate`` with
 configs/eval/ (``pgd20.py --config.pgd_steps=10 / 50``, ``autoattack_standard.py``).
 
-``rn50`` is the library's CIFAR-stem ResNet-50 (``cifar_resnet50``: 3x3 stem, non-affine BN); the
+``rn18`` is PreActResNet-18 on CIFAR (as the released fast-AT codes) and the 3x3-stem ResNet-18
+(w = 16: 64-512 channels) elsewhere. ``rn50`` is the library's CIFAR-stem ResNet-50 (``cifar_resnet50``: 3x3 stem, non-affine BN); the
 thesis's ImageNet ResNet-50 has the 7x7/stride-2 stem, which the model zoo does not provide yet.
 ``smoke``: a few steps of a tiny net on tfds mock data (CIFAR/ImageNet) or the bundled mnist5k.
 """
@@ -29,12 +31,12 @@ from configs.common import base_config, schedule_config
 DATASETS = {  # name -> (data.name, eps, epochs, weight decay, augment, batch size)
     "cifar10": ("cifar10", 8 / 255, 30.0, 5e-4, "crop_flip", 128),
     "cifar100": ("cifar100", 8 / 255, 30.0, 5e-4, "crop_flip", 128),
-    "imagenet": ("imagenet2012", 2 / 255, 90.0, 1e-4, "crop_flip", 256),
+    "imagenet": ("imagenet2012", 2 / 255, 90.0, 1e-4, "crop_flip", 128),
     "fashion_mnist": ("fashion_mnist_local", 0.1, 20.0, 0.0, "none", 100),
     "mnist5k": ("mnist5k", 0.3, 20.0, 0.0, "none", 100),
 }
 NETS = {  # name -> (model.name, kwargs, smoke kwargs)
-    "rn18": ("resnet18", {"w": 16}, {"w": 1}),
+    "rn18": ("resnet18", {"w": 16}, {"w": 1}),  # CIFAR: preact_resnet18 (see below)
     "wrn28": ("wrn28_10", {}, None),
     "rn50": ("cifar_resnet50", {"w": 16}, {"w": 1}),
     "cnn": ("cnn_small", {}, {}),
@@ -71,6 +73,8 @@ def get_config(arg: str = "cifar10_rn18_atas"):
     ds, net, method, smoke = _parse(arg)
     data_name, eps, epochs, wd, augment, bs = DATASETS[ds]
     model_name, kwargs, smoke_kwargs = NETS[net]
+    if net == "rn18" and ds in ("cifar10", "cifar100") and not smoke:
+        model_name, kwargs = "preact_resnet18", {}  # the fast-AT codes' CIFAR ResNet-18
     mnist_like = ds in ("fashion_mnist", "mnist5k")
     c = base_config()
     c.data.name, c.data.batch_size, c.data.augment = data_name, bs, augment
@@ -105,6 +109,8 @@ def get_config(arg: str = "cifar10_rn18_atas"):
     if method == "atas":
         f.atas_rule, f.atas_beta = "released", 0.5
         f.atas_c = 0.1 if ds == "imagenet" else 0.01
+        if ds == "imagenet":  # the released ImageNet script: 16/255 numerator, steps in [4, 8]/255
+            f.atas_alpha, f.atas_min_step, f.atas_max_step = 8.0, 2.0, 4.0
     if method == "free":
         f.free_replays = FREE_REPLAYS[ds]
         c.train.num_epochs = FREE_PASSES[ds] / f.free_replays

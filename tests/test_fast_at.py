@@ -182,6 +182,12 @@ def test_atas_step_sizes_follow_eq_5_16_and_released_clamp():
     # released: clamp(2·(8/255)·c/(c + √v), 4/255, 14/255), c = 0.01
     rel = fast_at.atas_step_size(v, eps, rule="released", c=0.01)
     np.testing.assert_allclose(rel, [4 / 255, 4 / 255, 14 / 255, 8 / 255], rtol=1e-6)
+    # the released ImageNet setting (ε = 2/255): clamp(16/255·c/(c + √v), 4/255, 8/255)
+    im = fast_at.atas_step_size(v, 2 / 255, rule="released", c=0.01, alpha=8.0, lo=2.0, hi=4.0)
+    np.testing.assert_allclose(im, [4 / 255, 4 / 255, 8 / 255, 8 / 255], rtol=1e-6)
+    im = fast_at.atas_step_size(jnp.array([0.0002 ** 2]), 2 / 255, rule="released", c=0.0001,
+                                alpha=8.0, lo=2.0, hi=4.0)
+    np.testing.assert_allclose(im, [16 / 255 / 3], rtol=1e-5)  # 16/255·c/(c + 2c), inside the clamp
 
 
 def test_atas_objective_uses_hand_computed_v_and_step(tmp_path):
@@ -465,6 +471,9 @@ def test_table5_11_configs():
     im = table5_11.get_config("imagenet_rn50_atas")
     assert im.threat.eps == pytest.approx(2 / 255) and im.objective.fast.atas_c == 0.1
     assert im.objective.fast.cache_resolution == 32 and im.train.num_epochs == 90
+    assert (im.objective.fast.atas_alpha * im.threat.eps, im.objective.fast.atas_max_step
+            * im.threat.eps) == pytest.approx((16 / 255, 8 / 255))
+    assert c.model.name == "preact_resnet18"
     # Free: the epochs divided by m (same number of passes); its inner lr follows the run's lr
     for ds, m in (("cifar10", 8), ("imagenet", 4)):
         f = table5_11.get_config(f"{ds}_rn18_free")

@@ -22,8 +22,9 @@ Registered objectives (``objective.name``; settings under ``objective.fast``):
   ``extra['instance']['v']``: eq. 5.15 ``v_i ← β v_i + (1 − β)‖∇_x L‖²₂`` and, with
   ``atas_rule='thesis'``, eq. 5.16 ``α_i = α / √(v_i + C)`` (α = ``atas_alpha``·ε·√C, so that
   α_i = ``atas_alpha``·ε when v_i = 0: the thesis's "γ/C = 16/255" at ε = 8/255), or with
-  ``atas_rule='released'`` the released code's ``α_i = clip(2ε·c/(c + √v_i), 0.5ε, 1.75ε)``
-  (= clip(2·(8/255)·c/(c+√v_i), 4/255, 14/255) at ε = 8/255), c = ``atas_c``, β = ``atas_beta``. One
+  ``atas_rule='released'`` the released code's ``α_i = clip(a·ε·c/(c + √v_i), lo·ε, hi·ε)``
+  (a, lo, hi = ``atas_alpha``, ``atas_min_step``, ``atas_max_step`` = 2, 0.5, 1.75: i.e.
+  clip(2·(8/255)·c/(c+√v_i), 4/255, 14/255) at ε = 8/255), c = ``atas_c``, β = ``atas_beta``. One
   signed step of α_i from the cached start (Alg. 5.3). As the released code, ∇_x L is the gradient of
   the batch-mean cross-entropy (so ‖∇_x L‖ scales with 1/B) in the attack BN mode.
 - ``free`` (Shafahi et al. 2019): each batch is replayed m = ``free_replays`` times; every replay's
@@ -232,16 +233,20 @@ def atas_preconditioner(v, grad, beta):
     return beta * v + (1.0 - beta) * sq
 
 
-def atas_step_size(v, eps, *, rule: str, c: float, alpha: float = 2.0):
+def atas_step_size(v, eps, *, rule: str, c: float, alpha: float = 2.0, lo: float = 0.5,
+                   hi: float = 1.75):
     """ATAS's per-instance step α_i from the pre-conditioner v (B,).
 
     ``rule='thesis'``: eq. 5.16 ``α_i = α/√(v_i + C)`` with C = ``c`` and α = ``alpha``·ε·√C
-    (α_i = ``alpha``·ε at v_i = 0). ``rule='released'``: ``clip(2ε·c/(c + √v_i), 0.5ε, 1.75ε)``.
+    (α_i = ``alpha``·ε at v_i = 0). ``rule='released'``: ``clip(alpha·ε·c/(c + √v_i), lo·ε, hi·ε)``;
+    the released code's ``clip(2·(8/255)·c/(c + √v_i), 4/255, 14/255)`` at ε = 8/255 is
+    (alpha, lo, hi) = (2, 0.5, 1.75) (its ImageNet setting, ε = 2/255 with bounds 4/255 and 8/255,
+    is (8, 2, 4)).
     """
     if rule == "thesis":
         return alpha * eps * jnp.sqrt(c) / jnp.sqrt(v + c)
     if rule == "released":
-        return jnp.clip(2.0 * eps * c / (c + jnp.sqrt(v)), 0.5 * eps, 1.75 * eps)
+        return jnp.clip(alpha * eps * c / (c + jnp.sqrt(v)), lo * eps, hi * eps)
     raise ValueError(f"objective.fast.atas_rule must be one of {ATAS_RULES}, got {rule!r}.")
 
 
@@ -261,7 +266,9 @@ def cache_attack(ctx, params, model_state, extra, batch, key, step, *, adaptive:
         g = _mean_ce_grad(logits_fn, xa, y, mask)
         v = atas_preconditioner(extra["instance"]["v"][batch["index"]], g, beta)
         alpha = atas_step_size(v, eps, rule=f.atas_rule, c=_nonneg(f.atas_c, "atas_c"),
-                               alpha=_nonneg(f.atas_alpha, "atas_alpha"))
+                               alpha=_nonneg(f.atas_alpha, "atas_alpha"),
+                               lo=_nonneg(f.atas_min_step, "atas_min_step"),
+                               hi=_nonneg(f.atas_max_step, "atas_max_step"))
         xa = _signed_step(threat, x, xa, g, alpha)
         updates["v"] = v
         metrics.update(step_size=masked_mean(alpha, mask), preconditioner=masked_mean(v, mask))
