@@ -363,7 +363,12 @@ def test_bad_values_raise_clear_errors():
     with pytest.raises(ValueError, match="objective.awp.base must be one of"):
         get_objective("awp").loss(ctx, _params(ctx), {}, {}, _batch(), jax.random.PRNGKey(0), 0)
     with pytest.raises(ValueError, match="ema_decay"):
-        get_objective("trades").init_extra(_ctx(ema_decay=2.0), _params(ctx), B, (D_IN,))
+        adv.with_ema(get_objective("trades")).init_extra(_ctx(ema_decay=2.0), _params(ctx), B, (D_IN,))
+    # the registered objectives validate their settings before a run writes anything
+    for bad, match in (({"beta": -1.0}, "beta"), ({"awp.base": "fgsm"}, "awp.base"),
+                       ({"awp.gamma": -0.1}, "awp.gamma")):
+        with pytest.raises(ValueError, match=match):
+            get_objective("awp").validate(_ctx(**bad).cfg)
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -271,3 +271,20 @@ def test_nan_loss_stops_run_and_keeps_last_finite_checkpoint(tmp_path):
     run = load_trained(str(tmp_path))
     assert run.step == 4
     assert all(np.all(np.isfinite(np.asarray(v))) for v in jax.tree.leaves(run.variables))
+
+
+def test_any_objective_gets_ema_and_eps_is_clipped_to_the_threat(tmp_path):
+    """objective.ema_decay wraps any objective (here pgd_at) with EMA weights; an ε schedule that
+    overshoots the target (eq 4.29's ε_max > ε) is clipped to threat.eps."""
+    c = tiny_config(**{"train.num_steps": 6, "objective.ema_decay": 0.5})
+    c.objective.eps_schedule = schedule_config("linear", start_fraction=0.0, final_fraction=3.0,
+                                               ramp_epochs=6 / 44)
+    train(c, str(tmp_path))
+    eps = [l["eps"] for l in map(json.loads, open(tmp_path / "metrics.jsonl")) if l["split"] == "train"]
+    assert eps[0] == pytest.approx(0.05) and max(eps) == pytest.approx(0.1)  # 0.3·(2/6) -> clipped
+    run, ema = load_trained(str(tmp_path)), load_trained(str(tmp_path), weights="ema")
+    assert "ema" in run.extra
+    assert not np.allclose(ema.variables["params"]["Dense_0"]["kernel"],
+                           run.variables["params"]["Dense_0"]["kernel"])
+    with pytest.raises(ValueError, match="ema_decay"):
+        train(tiny_config(**{"objective.ema_decay": 1.0}), str(tmp_path / "bad"))

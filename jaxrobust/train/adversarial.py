@@ -47,7 +47,7 @@ import optax
 from jaxrobust.attacks.common import steepest_ascent_step
 from jaxrobust.models import forward_train, make_logits_fn
 from jaxrobust.train.objectives import (Objective, ObjectiveContext, ObjectiveOutput, ce_and_accuracy,
-                                        masked_mean, pgd_points, register)
+                                        masked_mean, pgd_points, register, with_ema)
 
 AWP_EPS = 1e-20  # the reference AWP code's guard against a zero gradient norm
 START_NOISE = 1e-3  # TRADES / MART start: x + 0.001·N(0, I)
@@ -93,7 +93,7 @@ def awp_gamma_at(ctx: ObjectiveContext, step, batch_size: int):
     if ctx.n_train < batch_size:
         raise ValueError(f"objective.awp.warmup_epochs needs the training-set size (ctx.n_train = "
                          f"{ctx.n_train}) to be at least the batch size {batch_size}.")
-    warm_steps = int(round(warm * (ctx.n_train // batch_size)))
+    warm_steps = int(round(warm * (ctx.steps_per_epoch or ctx.n_train // batch_size)))
     return jnp.where(step >= warm_steps, gamma, jnp.zeros_like(gamma))
 
 
@@ -291,82 +291,26 @@ def awp_loss(base: Optional[str] = None) -> Callable:
     return loss
 
 
-# ----------------------------------------------------------------------------- EMA
-def _split_inner(inner):
-    """Wrapped layout: the inner objective's ``instance`` dict stays at the top (the loop shards and
-    scatters it there), the rest of its extra goes under ``'base'``."""
-    if isinstance(inner, dict):
-        out = {"instance": inner["instance"]} if "instance" in inner else {}
-        rest = {k: v for k, v in inner.items() if k != "instance"}
-        if rest:
-            out["base"] = rest
-        return out
-    return {"base": inner}
-
-
-def _join_inner(extra):
-    base = extra.get("base", {})
-    if not isinstance(base, dict):
-        return base
-    return {**base, **({"instance": extra["instance"]} if "instance" in extra else {})}
-
-
-def _check_decay(decay):
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-        raise ValueError(f"EMA decay (objective.ema_decay) must be a number in [0, 1), got {decay!r}.")
-    return float(decay)
-
-
-def with_ema(objective: Objective, decay: Optional[float] = None) -> Objective:
-    """``objective`` plus an exponential moving average of the weights, updated after every optimizer
-    step (an ``after_update`` hook, inside the jitted step): ``ema_0 = w_0``,
-    ``ema_t = decay·ema_{t−1} + (1 − decay)·w_t``. The EMA is ``extra['ema']`` (evaluate it with
-    ``load_trained(workdir, weights='ema')``); the wrapped objective's extra is kept under
-    ``extra['base']`` except its per-instance arrays, which stay in ``extra['instance']``.
-
-    ``decay=None`` reads ``objective.ema_decay`` from the run's config, where 0 turns the EMA off (the
-    objective is then unchanged, extra included)."""
-    if not isinstance(objective, Objective):
-        raise TypeError(f"with_ema expects an Objective, got {type(objective).__name__}.")
-    if decay is not None:
-        _check_decay(decay)
-
-    def decay_of(ctx):
-        return _check_decay(ctx.cfg.ema_decay if decay is None else decay)
-
-    def init(ctx, params, n_train, input_shape):
-        inner = objective.init_extra(ctx, params, n_train, input_shape)
-        if decay_of(ctx) == 0.0:
-            return inner
-        return {**_split_inner(inner), "ema": jax.tree.map(jnp.asarray, params)}
-
-    def loss(ctx, params, model_state, extra, batch, key, step):
-        if decay_of(ctx) > 0.0:
-            extra = _join_inner(extra)
-        return objective.loss(ctx, params, model_state, extra, batch, key, step)
-
-    def after_update(ctx, params, extra, step):
-        d = decay_of(ctx)
-        if d == 0.0:
-            return extra if objective.after_update is None else \
-                objective.after_update(ctx, params, extra, step)
-        ema = extra["ema"]
-        inner = _join_inner(extra)
-        if objective.after_update is not None:
-            inner = objective.after_update(ctx, params, inner, step)
-        ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema, params)
-        return {**_split_inner(inner), "ema": ema}
-
-    return Objective(init=init, loss=loss, after_update=after_update,
-                     param_labels=objective.param_labels, schedules=objective.schedules)
-
-
 # ----------------------------------------------------------------------------- registration
+def validate_config(cfg) -> None:
+    """Checks β and the AWP settings before a run writes anything (the losses check them too)."""
+    def number(value, what):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"objective.{what} must be a number >= 0, got {value!r}.")
+    number(cfg.beta, "beta")
+    number(cfg.awp.gamma, "awp.gamma")
+    number(cfg.awp.warmup_epochs, "awp.warmup_epochs")
+    if cfg.awp.base not in AWP_BASES:
+        raise ValueError(f"objective.awp.base must be one of {AWP_BASES}, got {cfg.awp.base!r}.")
+
+
+# EMA of the weights (objective.ema_decay > 0) is added to every objective by the loop
+# (jaxrobust.train.objectives.with_ema).
 for _name in ("trades", "mart"):
-    register(_name, with_ema(Objective(init=None, loss=method_loss(_name))))
-register("awp", with_ema(Objective(init=None, loss=awp_loss(None))))
-register("awp_at", with_ema(Objective(init=None, loss=awp_loss("pgd_at"))))
-register("awp_trades", with_ema(Objective(init=None, loss=awp_loss("trades"))))
+    register(_name, Objective(init=None, loss=method_loss(_name), validate=validate_config))
+register("awp", Objective(init=None, loss=awp_loss(None), validate=validate_config))
+register("awp_at", Objective(init=None, loss=awp_loss("pgd_at"), validate=validate_config))
+register("awp_trades", Objective(init=None, loss=awp_loss("trades"), validate=validate_config))
 
 __all__ = ["eps_at", "clipped_context", "beta_at", "awp_gamma_at", "kl_rows", "inner_maximisation",
            "at_loss_on_points", "trades_loss_on_points", "mart_loss_on_points", "METHODS",

@@ -130,8 +130,10 @@ class RunSetup:
 
 def build_schedules(config, total_steps: int, steps_per_epoch: int, objective=None) -> Dict[str, Callable]:
     """``ctx.schedules``: 'eps' (of threat.eps) and every ``objective.schedules.<name>`` (of its value)."""
-    scheds = {"eps": make_scalar_schedule(config.objective.eps_schedule, float(config.threat.eps),
-                                          total_steps, steps_per_epoch)}
+    eps = float(config.threat.eps)
+    raw_eps = make_scalar_schedule(config.objective.eps_schedule, eps, total_steps, steps_per_epoch)
+    # ε(step) is clipped to [0, threat.eps]: eq 4.29's schedulers may overshoot the target on purpose.
+    scheds = {"eps": lambda step: jnp.clip(raw_eps(step), 0.0, eps)}
     for name, sc in config.objective.schedules.items():
         if name == "eps":
             raise ValueError("objective.schedules.eps is reserved: configure objective.eps_schedule.")
@@ -159,9 +161,14 @@ def build_run(config) -> RunSetup:
     total = config.train.num_steps if config.train.num_steps > 0 else \
         int(round(config.train.num_epochs * steps_per_epoch))
     objective = jobj.get_objective(config.objective.name)
+    if objective.validate is not None:
+        objective.validate(config.objective)
+    if config.objective.ema_decay > 0:
+        objective = jobj.with_ema(objective, config.objective.ema_decay)
     ctx = jobj.ObjectiveContext(model=model, threat=threat,
                                 schedules=build_schedules(config, total, steps_per_epoch, objective),
-                                cfg=config.objective, num_classes=info.num_classes, n_train=train_size)
+                                cfg=config.objective, num_classes=info.num_classes, n_train=train_size,
+                                steps_per_epoch=steps_per_epoch)
     params_shape = jax.eval_shape(lambda: jmodels.init_variables(
         model, jax.random.PRNGKey(0), info.image_shape))["params"]
     tx, lr_schedule = make_optimizer(config.optimizer, config.schedule, total, steps_per_epoch,
@@ -332,6 +339,9 @@ def validate_config(config):
                          f"{jax.device_count()} devices.")
     if config.threat.eps < 0:
         raise ValueError(f"threat.eps must be >= 0, got {config.threat.eps}.")
+    d = config.objective.ema_decay
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+        raise ValueError(f"objective.ema_decay must be a number in [0, 1) (0 = no EMA), got {d!r}.")
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -19,6 +19,11 @@ An objective is an :class:`Objective`, a group of pure functions in the optax ``
   see :mod:`jaxrobust.train.optim`.
 - ``schedules``: names of the scalar schedules the objective reads from ``ctx.schedules`` (besides
   ``'eps'``); each must be configured under ``objective.schedules.<name>``.
+- ``validate(objective_config)`` (optional): raises a ValueError on bad settings, before the run
+  writes anything.
+
+Any objective gets an exponential moving average of its weights in ``extra['ema']`` when
+``objective.ema_decay > 0`` (the loop wraps it with :func:`with_ema`).
 
 ``ctx`` (an :class:`ObjectiveContext`) holds static things: the model, the threat model, the schedules
 (``ctx.schedules['eps'](step)`` is ε) and the objective's config. Objectives may run the model several
@@ -56,6 +61,7 @@ class Objective:
     after_update: Optional[Callable] = None
     param_labels: Optional[Callable] = None
     schedules: Tuple[str, ...] = ()
+    validate: Optional[Callable] = None  # (objective config) -> None; raises ValueError on bad values
 
     def init_extra(self, ctx, params, n_train: int, input_shape) -> Any:
         return {} if self.init is None else self.init(ctx, params, n_train, tuple(input_shape))
@@ -69,6 +75,7 @@ class ObjectiveContext:
     cfg: Any  # the objective's ConfigDict (attack settings, ...)
     num_classes: int
     n_train: int = 0  # training-set size (rows of extra['instance'] beyond it are padding)
+    steps_per_epoch: int = 0  # optimizer steps per epoch (n_train // batch size)
 
     def eps_at(self, step):
         return self.schedules["eps"](step)
@@ -157,10 +164,81 @@ def pgd_at_loss(ctx, params, model_state, extra, batch, key, step):
     return loss, ObjectiveOutput(new_state, {}, {"loss": loss, "adv_accuracy": acc, "eps": eps})
 
 
+# ----------------------------------------------------------------------------- EMA of the weights
+def _split_inner(inner):
+    """Wrapped layout: the inner objective's ``instance`` dict stays at the top (the loop shards and
+    scatters it there), the rest of its extra goes under ``'base'``."""
+    if isinstance(inner, dict):
+        out = {"instance": inner["instance"]} if "instance" in inner else {}
+        rest = {k: v for k, v in inner.items() if k != "instance"}
+        if rest:
+            out["base"] = rest
+        return out
+    return {"base": inner}
+
+
+def _join_inner(extra):
+    base = extra.get("base", {})
+    if not isinstance(base, dict):
+        return base
+    return {**base, **({"instance": extra["instance"]} if "instance" in extra else {})}
+
+
+def _check_decay(decay):
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+        raise ValueError(f"EMA decay (objective.ema_decay) must be a number in [0, 1), got {decay!r}.")
+    return float(decay)
+
+
+def with_ema(objective: Objective, decay: Optional[float] = None) -> Objective:
+    """``objective`` plus an exponential moving average of the weights, updated after every optimizer
+    step (an ``after_update`` hook, inside the jitted step): ``ema_0 = w_0``,
+    ``ema_t = decay·ema_{t−1} + (1 − decay)·w_t``. The EMA is ``extra['ema']`` (evaluate it with
+    ``load_trained(workdir, weights='ema')``); the wrapped objective's extra is kept under
+    ``extra['base']`` except its per-instance arrays, which stay in ``extra['instance']``.
+
+    ``decay=None`` reads ``objective.ema_decay`` from the run's config, where 0 turns the EMA off (the
+    objective is then unchanged, extra included)."""
+    if not isinstance(objective, Objective):
+        raise TypeError(f"with_ema expects an Objective, got {type(objective).__name__}.")
+    if decay is not None:
+        _check_decay(decay)
+
+    def decay_of(ctx):
+        return _check_decay(ctx.cfg.ema_decay if decay is None else decay)
+
+    def init(ctx, params, n_train, input_shape):
+        inner = objective.init_extra(ctx, params, n_train, input_shape)
+        if decay_of(ctx) == 0.0:
+            return inner
+        return {**_split_inner(inner), "ema": jax.tree.map(jnp.asarray, params)}
+
+    def loss(ctx, params, model_state, extra, batch, key, step):
+        if decay_of(ctx) > 0.0:
+            extra = _join_inner(extra)
+        return objective.loss(ctx, params, model_state, extra, batch, key, step)
+
+    def after_update(ctx, params, extra, step):
+        d = decay_of(ctx)
+        if d == 0.0:
+            return extra if objective.after_update is None else \
+                objective.after_update(ctx, params, extra, step)
+        ema = extra["ema"]
+        inner = _join_inner(extra)
+        if objective.after_update is not None:
+            inner = objective.after_update(ctx, params, inner, step)
+        ema = jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema, params)
+        return {**_split_inner(inner), "ema": ema}
+
+    return Objective(init=init, loss=loss, after_update=after_update,
+                     param_labels=objective.param_labels, schedules=objective.schedules,
+                     validate=objective.validate)
+
+
 register("standard", Objective(init=None, loss=standard_loss))
 register("pgd_at", Objective(init=None, loss=pgd_at_loss))
 
 
 __all__ = ["Objective", "ObjectiveOutput", "ObjectiveContext", "register", "get_objective",
            "list_objectives", "masked_mean", "ce_and_accuracy", "pgd_points", "forward_train",
-           "make_logits_fn"]
+           "make_logits_fn", "with_ema"]
