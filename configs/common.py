@@ -105,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.objective.fast.atas_alpha = 2.0  # atas: α_i = 2ε at v = 0 (γ/C = 16/255 at 8/255)
     c.objective.fast.atas_min_step = 0.5  # atas 'released': α_i >= 0.5ε (4/255 at 8/255)
     c.objective.fast.atas_max_step = 1.75  # atas 'released': α_i <= 1.75ε (14/255 at 8/255)
+    c.objective.fast.atas_warmup_epochs = 0  # atas: released code: 5 epochs of a constant step
+    c.objective.fast.atas_warmup_step = 1.0  # ... of ε, v not updated
+    c.objective.fast.cache_reset_at = ()  # 1-based epochs whose visits restart from U(ball) (released: 10, 20)
     c.objective.fast.free_replays = 8  # free: m
     c.objective.fast.yopo_m = 5  # yopo: YOPO-m-n
     c.objective.fast.yopo_n = 3

@@ -243,6 +243,38 @@ def test_atta_takes_k_steps_from_the_cached_start():
     assert bool(jnp.all(upd["seen"]))
 
 
+def test_atas_released_warmup_and_cache_reset_epochs():
+    """The released code's schedule: a constant step ε with v untouched during the warm-up epochs;
+    the cache re-drawn (uniform start) in the listed 1-based epochs."""
+    c = cache_config(**{"objective.name": "atas", "data.augment": "none"})
+    f = c.objective.fast
+    f.atas_warmup_epochs, f.atas_warmup_step, f.cache_reset_at = 1, 1.0, (3,)
+    setup, state = _setup(c)
+    b = _batch(setup, 16)
+    spe = setup.train_size // 16
+    inst = dict(state.extra["instance"])
+    inst["seen"] = inst["seen"].at[b["index"]].set(True)  # cached δ = 0: the start is x itself
+    inst["v"] = inst["v"].at[b["index"]].set(0.5)
+    extra = {**state.extra, "instance": inst}
+    run = lambda step: fast_at.cache_attack(setup.ctx, state.params, state.model_state, extra, b,
+                                            jax.random.PRNGKey(1), step, adaptive=True)
+    xa, upd, m = run(spe - 1)  # epoch 1 (1-based): warm-up
+    np.testing.assert_array_equal(upd["v"], np.full(16, 0.5, np.float32))
+    assert float(m["step_size"]) == pytest.approx(EPS)
+    np.testing.assert_allclose(np.abs(np.asarray(xa - b["image"])).max(axis=(1, 2, 3)), EPS, atol=1e-6)
+    xa2, upd2, m2 = run(spe)  # epoch 2: adaptive, from the cache (δ = 0 start: one step of α_i)
+    assert np.all(np.asarray(upd2["v"]) < 0.5) and float(m2["step_size"]) != pytest.approx(EPS)
+    step2 = np.abs(np.asarray(xa2 - b["image"])).reshape(16, -1).max(1)
+    assert np.all(step2 <= EPS + 1e-6) and np.all(step2 > 0)
+    xa3, _, _ = run(2 * spe)  # epoch 3: the cache is re-drawn: a uniform start, not x
+    d3 = np.asarray(xa3 - b["image"]).reshape(16, -1)
+    assert np.unique(np.round(np.abs(d3[np.abs(d3) < EPS - 1e-4]), 6)).size > 100
+    xa4, upd4, _ = run(3 * spe)  # epoch 4: from the cache (x) again: one step of α_i(v)
+    alpha4 = np.asarray(fast_at.atas_step_size(upd4["v"], EPS, rule="released", c=0.01))
+    np.testing.assert_allclose(np.abs(np.asarray(xa4 - b["image"])).reshape(16, -1).max(1),
+                               np.minimum(alpha4, EPS), rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- Free / N-FGSM / GA
 def _free_config(m):
     c = cache_config(**{"objective.name": "free", "data.augment": "none"})

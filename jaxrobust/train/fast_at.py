@@ -26,7 +26,10 @@ Registered objectives (``objective.name``; settings under ``objective.fast``):
   (a, lo, hi = ``atas_alpha``, ``atas_min_step``, ``atas_max_step`` = 2, 0.5, 1.75: i.e.
   clip(2·(8/255)·c/(c+√v_i), 4/255, 14/255) at ε = 8/255), c = ``atas_c``, β = ``atas_beta``. One
   signed step of α_i from the cached start (Alg. 5.3). As the released code, ∇_x L is the gradient of
-  the batch-mean cross-entropy (so ‖∇_x L‖ scales with 1/B) in the attack BN mode.
+  the batch-mean cross-entropy (so ‖∇_x L‖ scales with 1/B) in the attack BN mode. The released
+  code's schedule is available too: ``atas_warmup_epochs`` (5) epochs of a constant step
+  ``atas_warmup_step``·ε (ε) with v untouched, and the cache re-drawn uniformly in the 1-based
+  epochs ``cache_reset_at`` (every 10th but the last; any cached method).
 - ``free`` (Shafahi et al. 2019): each batch is replayed m = ``free_replays`` times; every replay's
   single backward pass gives both the parameter gradient (a parameter update) and the input gradient
   (δ ← Π(δ + ε·sign(∇_x)), carried over to the next replay). See :func:`free_loss` for how the m
@@ -216,13 +219,31 @@ def write_cache(delta_aug, stored, batch, dtype):
     return back.astype(dtype)
 
 
-def cached_start(ctx, extra, batch, threat, key):
+def epoch_of(ctx, batch, step):
+    """0-based epoch of ``step`` (the loop's ``n_train // batch_size`` steps per epoch)."""
+    spe = max(int(ctx.n_train) // int(batch["image"].shape[0]), 1)
+    return step // spe
+
+
+def _reset_now(ctx, batch, step):
+    """True in the (1-based) epochs listed in ``objective.fast.cache_reset_at``: the released ATAS
+    code re-draws the whole cache uniformly at the start of every 10th epoch but the last."""
+    at = tuple(int(e) for e in _fast(ctx).cache_reset_at)
+    if not at:
+        return jnp.asarray(False)
+    return jnp.isin(epoch_of(ctx, batch, step) + 1, jnp.asarray(at))
+
+
+def cached_start(ctx, extra, batch, threat, key, step=None):
     """The attack's start from the cache: x + δ_i (augmented frame) projected onto ball ∩ box; a
-    uniform random point of ball ∩ box on the example's first visit."""
+    uniform random point of ball ∩ box on the example's first visit and in the epochs
+    ``cache_reset_at`` (given ``step``)."""
     x = batch["image"]
     inst = extra["instance"]
     d = read_cache(inst["delta"][batch["index"]], batch)
     seen = inst["seen"][batch["index"]]
+    if step is not None:
+        seen = seen & ~_reset_now(ctx, batch, step)
     return jnp.where(_rows(seen, x), threat.project(x, x + d), threat.random_init(key, x))
 
 
@@ -258,17 +279,22 @@ def cache_attack(ctx, params, model_state, extra, batch, key, step, *, adaptive:
     eps = ctx.eps_at(step)
     threat = ctx.threat.replace(eps=eps)
     logits_fn = _attack_logits_fn(ctx, params, model_state)
-    xa = cached_start(ctx, extra, batch, threat, key)
+    xa = cached_start(ctx, extra, batch, threat, key, step)
     metrics = {"eps": eps}
     updates = {"seen": jnp.ones_like(batch["mask"])}
     if adaptive:
         beta = _nonneg(f.atas_beta, "atas_beta")
         g = _mean_ce_grad(logits_fn, xa, y, mask)
-        v = atas_preconditioner(extra["instance"]["v"][batch["index"]], g, beta)
+        v_old = extra["instance"]["v"][batch["index"]]
+        v = atas_preconditioner(v_old, g, beta)
         alpha = atas_step_size(v, eps, rule=f.atas_rule, c=_nonneg(f.atas_c, "atas_c"),
                                alpha=_nonneg(f.atas_alpha, "atas_alpha"),
                                lo=_nonneg(f.atas_min_step, "atas_min_step"),
                                hi=_nonneg(f.atas_max_step, "atas_max_step"))
+        # the released code's warm-up: a constant step and v left alone for the first epochs
+        warm = epoch_of(ctx, batch, step) < _nonneg(f.atas_warmup_epochs, "atas_warmup_epochs")
+        alpha = jnp.where(warm, _nonneg(f.atas_warmup_step, "atas_warmup_step") * eps, alpha)
+        v = jnp.where(warm, v_old, v)
         xa = _signed_step(threat, x, xa, g, alpha)
         updates["v"] = v
         metrics.update(step_size=masked_mean(alpha, mask), preconditioner=masked_mean(v, mask))
@@ -395,7 +421,7 @@ def free_replays(ctx, params, model_state, extra, batch, key, step, lr):
     x, y, mask = batch["image"], batch["label"], batch["mask"]
     eps = ctx.eps_at(step)
     threat = ctx.threat.replace(eps=eps)
-    xa = jax.lax.stop_gradient(cached_start(ctx, extra, batch, threat, key))
+    xa = jax.lax.stop_gradient(cached_start(ctx, extra, batch, threat, key, step))
 
     def loss_fn(p, ms, xin):
         logits, new_state = forward_train(ctx.model, p, ms, xin)
@@ -535,5 +561,5 @@ register("yopo", Objective(init=None, loss=yopo_loss))
 FAST_AT_OBJECTIVES = ("at", "fgsm_rs", "fgsm_ga", "nfgsm", "atta", "atas", "free", "yopo")
 
 __all__ = ["FAST_AT_OBJECTIVES", "atas_preconditioner", "atas_step_size", "grad_align_regulariser",
-           "cache_shape", "cache_bytes", "read_cache", "write_cache", "cache_attack", "init_cache",
+           "cache_shape", "cache_bytes", "epoch_of", "read_cache", "write_cache", "cache_attack", "init_cache",
            "linear_surrogate", "first_layer_output", "probed_loss", "free_replays", "fgsm_rs_points", "nfgsm_points"]
