@@ -12,7 +12,8 @@ SGD momentum 0.9, initial lr 0.1, weight decay 5e-4 (ImageNet 1e-4), crop+flip; 
 learning rate of the fast-AT papers (the thesis reports the better of cyclic and piece-wise). FGSM-RS
 α = 1.25ε; FGSM-GA λ = 0.2 / 0.5 / 0.005 (CIFAR-10 / CIFAR-100 / ImageNet); ATTA-1 α = 4/255 (ε/2);
 ATAS: β = 0.5, c = 0.01 (ImageNet 0.1) with the released code's clamped step rule
-(5 warm-up epochs of a constant step ε, the cache re-drawn every 10th epoch but the last;
+(CIFAR/ImageNet: 5 warm-up epochs of a constant step ε, the cache re-drawn every 10th epoch but
+the last;
 ``objective.fast.atas_rule='released'``: α_i = clip(2ε·c/(c + √v_i), ε/2, 1.75ε), at ImageNet's
 ε = 2/255 the released script's clip(16/255·c/(c + √v_i), 4/255, 8/255); switch to eq. 5.16 with
 ``--config.objective.fast.atas_rule=thesis``); FreeAT m = 8 (ImageNet 4) for 10 (45) epochs;
@@ -112,10 +113,10 @@ def get_config(arg: str = "cifar10_rn18_atas"):
         f.atas_c = 0.1 if ds == "imagenet" else 0.01
         if ds == "imagenet":  # the released ImageNet script: 16/255 numerator, steps in [4, 8]/255
             f.atas_alpha, f.atas_min_step, f.atas_max_step = 8.0, 2.0, 4.0
-        # the released code: 5 warm-up epochs of a constant step ε, the cache re-drawn every 10th
-        # epoch but the last
-        f.atas_warmup_epochs, f.atas_warmup_step = 5, 1.0
-        f.cache_reset_at = tuple(range(10, int(epochs), 10))
+        if not mnist_like:  # the released CIFAR/ImageNet scripts: 5 warm-up epochs of a constant
+            # step ε, the cache re-drawn every 10th epoch but the last
+            f.atas_warmup_epochs, f.atas_warmup_step = 5, 1.0
+            f.cache_reset_at = tuple(range(10, int(epochs), 10))
     if method == "free":
         f.free_replays = FREE_REPLAYS[ds]
         c.train.num_epochs = FREE_PASSES[ds] / f.free_replays

@@ -500,6 +500,7 @@ def test_table5_11_configs():
     assert c.objective.name == "atas" and c.threat.eps == pytest.approx(8 / 255)
     assert c.train.num_epochs == 30 and c.schedule.name == "cyclic" and c.data.augment == "crop_flip"
     assert c.objective.fast.atas_rule == "released" and c.objective.fast.atas_c == 0.01
+    assert c.objective.fast.atas_warmup_epochs == 5 and tuple(c.objective.fast.cache_reset_at) == (10, 20)
     im = table5_11.get_config("imagenet_rn50_atas")
     assert im.threat.eps == pytest.approx(2 / 255) and im.objective.fast.atas_c == 0.1
     assert im.objective.fast.cache_resolution == 32 and im.train.num_epochs == 90
