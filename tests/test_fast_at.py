@@ -91,8 +91,7 @@ def test_cache_aligned_with_crop_flip_in_ball_and_box_and_resumes_bit_exactly(tm
     c.train.monitor.pgd_steps = 3
     full = str(tmp_path / "full")
     setup, _ = _setup(c)
-    monitors = monitors_from_config(with_defaults(c), full, setup)
-    train(c, full, callbacks=monitors)
+    train(c, full)  # train.monitor.enabled: the loop builds the monitor from the config
     extra = load_trained(full).extra
     inst = {k: np.asarray(v)[:setup.train_size] for k, v in extra["instance"].items()}
     seen = inst["seen"]
@@ -117,8 +116,6 @@ def test_cache_aligned_with_crop_flip_in_ball_and_box_and_resumes_bit_exactly(tm
     mon = [l for l in lines if l["split"] == "monitor"]
     assert [l["step"] for l in mon] == [11, 22] and all("fgsm_accuracy" in l for l in mon)
     assert os.path.isdir(os.path.join(full, "best_pgd", "checkpoints"))
-    for m in monitors:
-        m.close()
     # killed mid-epoch and resumed == uninterrupted, extra state included (bit-exact)
     res = str(tmp_path / "res")
     assert train(cache_config(), res, callbacks=[stop_at(9)])["stopped_at"] == 9
@@ -556,6 +553,7 @@ def test_fgsm_rs_overfits_catastrophically_on_mnist5k_at_eps_0_3_and_atas_does_n
         c.eval.num_examples = 200
         wd = str(tmp_path / method)
         mons = monitors_from_config(c, wd, build_run(c))
+        c.train.monitor.enabled = False  # the monitor is passed explicitly (to inspect it after)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             train(c, wd, callbacks=mons)

@@ -36,7 +36,7 @@ def _ema_init(ctx, params, n_train, input_shape):
     return {"instance": {"seen": jnp.zeros((n_train,), jnp.int32),
                          "offset": -jnp.ones((n_train, 2), jnp.int32),
                          "flip": jnp.zeros((n_train,), bool)},
-            "ema": params, "updates": jnp.zeros((), jnp.int32)}
+            "ema": params, "updates": jnp.zeros((), jnp.int32), "n": jnp.asarray(n_train, jnp.int32)}
 
 
 def _ema_after_update(ctx, params, extra, step):
@@ -288,3 +288,16 @@ def test_any_objective_gets_ema_and_eps_is_clipped_to_the_threat(tmp_path):
                            run.variables["params"]["Dense_0"]["kernel"])
     with pytest.raises(ValueError, match="ema_decay"):
         train(tiny_config(**{"objective.ema_decay": 1.0}), str(tmp_path / "bad"))
+
+
+def test_instance_state_with_a_validation_split_uses_original_indices(tmp_path):
+    """Carving a validation split keeps the training examples' original dataset indices (up to the
+    full train size - 1): per-instance arrays cover that index space; validation rows never change."""
+    c = platform_config(**{"data.val_fraction": 0.3, "train.num_steps": 60})
+    train(c, str(tmp_path))
+    run = load_trained(str(tmp_path))
+    tr = run.dataset.split("train").dataset_indices
+    va = run.dataset.split("val").dataset_indices
+    assert int(run.extra["n"]) == tr.max() + 1 > len(tr)
+    seen = np.asarray(run.extra["instance"]["seen"])
+    assert seen.sum() == 60 * 32 and seen[va].sum() == 0 and seen[tr].sum() == 60 * 32

@@ -37,6 +37,7 @@ from jaxrobust.threat import ThreatModel
 from jaxrobust.train import objectives as jobj
 from jaxrobust.train.checkpoint import Checkpointer
 from jaxrobust.train.metrics import MetricWriter, Progress
+from jaxrobust.train.monitors import monitors_from_config
 from jaxrobust.train.optim import make_optimizer
 from jaxrobust.train.schedules import make_scalar_schedule
 from jaxrobust.train.state import TrainState
@@ -118,6 +119,7 @@ class RunSetup:
     config: ml_collections.ConfigDict
     dataset: Any
     train_size: int
+    num_indices: int  # size of the training split's dataset-index space (max index + 1)
     model: Any
     threat: ThreatModel
     steps_per_epoch: int
@@ -151,7 +153,11 @@ def build_run(config) -> RunSetup:
     validate_config(config)
     ds = build_dataset(config)
     info = ds.info
-    train_size = len(ds.split("train"))
+    train_split = ds.split("train")
+    train_size = len(train_split)
+    # Per-instance arrays are indexed by dataset index; with a validation split carved out of train,
+    # the training examples keep their original indices, which can exceed the training-set size.
+    num_indices = int(np.max(train_split.dataset_indices)) + 1 if train_size else 0
     model = build_model(config, info)
     threat = build_threat(config, info)
     bs = config.data.batch_size
@@ -173,7 +179,8 @@ def build_run(config) -> RunSetup:
         model, jax.random.PRNGKey(0), info.image_shape))["params"]
     tx, lr_schedule = make_optimizer(config.optimizer, config.schedule, total, steps_per_epoch,
                                      params=params_shape, objective_labels=objective.param_labels)
-    return RunSetup(config, ds, train_size, model, threat, steps_per_epoch, total, objective, ctx, tx,
+    return RunSetup(config, ds, train_size, num_indices, model, threat, steps_per_epoch, total,
+                    objective, ctx, tx,
                     lr_schedule)
 
 
@@ -195,7 +202,8 @@ def _pad_instance(extra, n_train: int, rows: int):
 def create_train_state(model, input_shape, tx, objective: jobj.Objective, ctx, *, seed: int,
                        n_train: int, mesh=None) -> TrainState:
     """The initial state: parameters from ``PRNGKey(seed)``, the objective's ``extra`` for ``n_train``
-    examples (per-instance rows padded, :func:`instance_rows`). With ``mesh`` the state is created
+    dataset indices (per-instance rows padded, :func:`instance_rows`; ``n_train`` is the training split's
+    largest dataset index + 1, which exceeds its size when a validation split was carved out). With ``mesh`` the state is created
     directly with its shardings (per-instance arrays never exist replicated on one device)."""
     rows = instance_rows(n_train, None if mesh is None else mesh.size)
     input_shape = tuple(input_shape)
@@ -220,7 +228,7 @@ def create_train_state(model, input_shape, tx, objective: jobj.Objective, ctx, *
 
 def create_run_state(setup: RunSetup, mesh=None) -> TrainState:
     return create_train_state(setup.model, setup.dataset.info.image_shape, setup.tx, setup.objective,
-                              setup.ctx, seed=setup.config.seed, n_train=setup.train_size, mesh=mesh)
+                              setup.ctx, seed=setup.config.seed, n_train=setup.num_indices, mesh=mesh)
 
 
 def make_update_fn(ctx, objective: jobj.Objective, lr_schedule, augment: str,
@@ -360,6 +368,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     train_split = ds.split("train")
     bs, steps_per_epoch, total = config.data.batch_size, setup.steps_per_epoch, setup.total_steps
 
+    # The catastrophic-overfitting monitor (train.monitor.*) is a callback like any other.
+    monitors = monitors_from_config(config, workdir, setup)
+    callbacks = [*callbacks, *monitors]
     # config.json only once everything above accepted the config; refuses a changed run (workdir.py).
     prepare_workdir(config, workdir)
     mesh = make_mesh()
@@ -429,12 +440,16 @@ def train(config: ml_collections.ConfigDict, workdir: str,
             if stop:
                 ckpt.close()
                 writer.close()
+                for m in monitors:
+                    m.close()
                 return {"stopped_at": step, "compiles": dict(traces)}
             if step >= total:
                 break
     _raise_if_nonfinite(state, ckpt, writer)
     ckpt.save(step, state.checkpoint_tree())  # no-op if this step is saved already
     ckpt.close()
+    for m in monitors:
+        m.close()
     final = evaluate(step)
     summary = {"steps": step, "epochs": step / steps_per_epoch, "train_seconds": time.time() - t0,
                "devices": jax.device_count(), "compiles": dict(traces), "final_train_metrics": {

@@ -3,7 +3,9 @@
 An objective is an :class:`Objective`, a group of pure functions in the optax ``(init, update)`` style:
 
 - ``init(ctx, params, n_train, input_shape) -> extra``: the objective's extra state, a pytree. By
-  convention ``extra['instance']`` is a dict of per-instance arrays of leading size ``n_train``
+  convention ``extra['instance']`` is a dict of per-instance arrays of leading size ``n_train`` (the
+  number of dataset indices of the training split: its size, or more when a validation split was
+  carved out of it, since examples keep their original indices)
   (cached perturbations, per-example ε, difficulty statistics...), indexed by each example's dataset
   index; the loop shards them over the mesh's ``'data'`` axis (they are never replicated) and
   checkpoints them. Other leaves (EMA/teacher weights, ensembles, masks) are replicated.
