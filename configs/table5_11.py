@@ -119,10 +119,8 @@ def get_config(arg: str = "cifar10_rn18_atas"):
             f.cache_reset_at = tuple(range(10, int(epochs), 10))
     if method == "free":
         f.free_replays = FREE_REPLAYS[ds]
+        # m optimizer updates per batch (the loop's replays): the same number of passes
         c.train.num_epochs = FREE_PASSES[ds] / f.free_replays
-        # the inner replay updates follow the run's learning rate (see fast_at.free_loss)
-        c.objective.schedules.free_lr = schedule_config(**dict(c.schedule.to_dict(),
-                                                               value=c.optimizer.lr))
     if method == "yopo":
         f.yopo_m, f.yopo_n = 5, 3
         c.train.num_epochs = float(YOPO_EPOCHS[ds])

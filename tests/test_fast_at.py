@@ -276,34 +276,37 @@ def test_atas_released_warmup_and_cache_reset_epochs():
 def _free_config(m):
     c = cache_config(**{"objective.name": "free", "data.augment": "none"})
     c.objective.fast.free_replays = m
-    c.optimizer.momentum, c.optimizer.weight_decay = 0.0, 0.0
     c.schedule = schedule_config("constant")
-    c.objective.schedules.free_lr = schedule_config("constant", value=c.optimizer.lr)
     return c
 
 
-def test_free_makes_m_parameter_updates_per_batch():
-    m, lr = 3, 0.2
+def test_free_makes_m_optimizer_updates_per_batch():
+    """Free with m replays = m real optimizer updates on the batch (here SGD with momentum 0.9:
+    exact for any optimizer), δ carried over between replays and cached for the next visit."""
+    m, lr, mu = 3, 0.2, 0.9
     setup, state = _setup(_free_config(m))
+    assert setup.objective.replays == m
     b = _batch(setup, 32)
     key = jax.random.PRNGKey(3)
-    # the loop's own update step (SGD at lr, no momentum) on one batch
-    tx = optax.sgd(lr)
+    tx = optax.sgd(lr, momentum=mu)
     state = state.replace(opt_state=tx.init(state.params), tx=tx, key=key)
     update = jax.jit(make_update_fn(setup.ctx, setup.objective, lambda s: lr, "none"))
     new_state, metrics = update(state, b)
-    # m sequential SGD updates written out by hand, δ carried over between replays
+    assert int(new_state.step) == 1  # one loop step ...
+    # ... = m sequential momentum-SGD updates written out by hand, δ carried over between replays
     k_obj = jax.random.split(jax.random.fold_in(key, 0))[1]
     threat = setup.ctx.threat
-    xa = fast_at.cached_start(setup.ctx, state.extra, b, threat, k_obj)
+    xa = fast_at.cached_start(setup.ctx, state.extra, b, threat, jax.random.fold_in(k_obj, 0))
     theta, ms = state.params, state.model_state
+    vel = jax.tree.map(jnp.zeros_like, theta)
     x, y = b["image"], b["label"]
     for _ in range(m):
         def f(p, xin):
             logits, _ = forward_train(setup.model, p, ms, xin)
             return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
         gp, gx = jax.grad(f, argnums=(0, 1))(theta, xa)
-        theta = jax.tree.map(lambda t, g: t - lr * g, theta, gp)
+        vel = jax.tree.map(lambda v, g: g + mu * v, vel, gp)
+        theta = jax.tree.map(lambda t, v: t - lr * v, theta, vel)
         xa = jnp.clip(jnp.clip(xa + EPS * jnp.sign(gx), x - EPS, x + EPS), 0.0, 1.0)
     jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=2e-5, atol=2e-6),
                  new_state.params, theta)
@@ -311,17 +314,16 @@ def test_free_makes_m_parameter_updates_per_batch():
     one = jax.tree.map(lambda t, g: t - lr * g, state.params, jax.grad(
         lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
             forward_train(setup.model, p, ms, fast_at.cached_start(
-                setup.ctx, state.extra, b, threat, k_obj))[0], y)))(state.params))
+                setup.ctx, state.extra, b, threat, jax.random.fold_in(k_obj, 0)))[0], y)))(state.params))
     assert not np.allclose(new_state.params["Dense_0"]["kernel"], one["Dense_0"]["kernel"], atol=1e-5)
     # the carried δ is cached for the example's next visit
     d = np.asarray(new_state.extra["instance"]["delta"])[np.asarray(b["index"])]
     np.testing.assert_allclose(d, np.asarray(xa - x), atol=1e-6)
 
 
-def test_free_needs_its_lr_schedule():
-    c = _free_config(2)
-    del c.objective.schedules["free_lr"]
-    with pytest.raises(ValueError, match="free_lr"):
+def test_free_replays_must_be_positive():
+    c = _free_config(0)
+    with pytest.raises(ValueError, match="free_replays"):
         build_run(with_defaults(c))
 
 
@@ -504,13 +506,11 @@ def test_table5_11_configs():
     assert (im.objective.fast.atas_alpha * im.threat.eps, im.objective.fast.atas_max_step
             * im.threat.eps) == pytest.approx((16 / 255, 8 / 255))
     assert c.model.name == "preact_resnet18"
-    # Free: the epochs divided by m (same number of passes); its inner lr follows the run's lr
+    # Free: the epochs divided by m (same number of passes); m optimizer updates per batch
     for ds, m in (("cifar10", 8), ("imagenet", 4)):
         f = table5_11.get_config(f"{ds}_rn18_free")
         assert f.objective.fast.free_replays == m
         assert f.train.num_epochs * m == table5_11.FREE_PASSES[ds]
-        assert f.objective.schedules.free_lr.to_dict() == dict(f.schedule.to_dict(),
-                                                               value=f.optimizer.lr)
     assert table5_11.get_config("cifar10_wrn28_yopo").train.num_epochs == 12
     assert table5_11.get_config("cifar10_rn18_pgd10").objective.attack.steps == 10
     assert table5_11.get_config("cifar100_rn18_fgsm_ga").objective.fast.ga_lambda == 0.5

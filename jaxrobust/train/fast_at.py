@@ -32,9 +32,9 @@ Registered objectives (``objective.name``; settings under ``objective.fast``):
   epochs ``cache_reset_at`` (every 10th but the last; any cached method).
 - ``free`` (Shafahi et al. 2019): each batch is replayed m = ``free_replays`` times; every replay's
   single backward pass gives both the parameter gradient (a parameter update) and the input gradient
-  (δ ← Π(δ + ε·sign(∇_x)), carried over to the next replay). See :func:`free_loss` for how the m
-  parameter updates happen inside the loop's one optimizer step per batch. δ is carried over between
-  batches through the per-instance cache (each example restarts from its own last δ).
+  (δ ← Π(δ + ε·sign(∇_x)), carried over to the next replay): the objective has ``replays = m`` and
+  the loop makes m optimizer updates per batch. δ is carried over between replays and batches
+  through the per-instance cache (each example restarts from its own last δ).
 - ``yopo`` (Zhang et al. 2019, YOPO-m-n): m = ``yopo_m`` full forward/backward passes per batch, each
   giving the parameter gradient (averaged over the m) and the adjoint p = ∂L/∂z₁ of the first layer's
   output z₁; between them n = ``yopo_n`` cheap steps η ← Π(η + σ·sign(∇_η p·f₁(x + η))) through the
@@ -411,59 +411,32 @@ def fgsm_ga_loss(ctx, params, model_state, extra, batch, key, step):
 
 
 # ----------------------------------------------------------------------------- Free AT
-def free_replays(ctx, params, model_state, extra, batch, key, step, lr):
-    """Free-AT's m replays of one batch (Shafahi et al. 2019, Alg. 1): for r = 0..m−1, one
-    forward/backward at (θ_r, x + δ_r) gives g_r = ∇_θ L and ∇_x L; θ_{r+1} = θ_r − lr·g_r and
-    δ_{r+1} = Π(δ_r + ε·sign(∇_x L)). Returns (θ-gradients (g_0..g_{m−1}) summed, mean loss, mean
-    accuracy, model state, final x + δ_m, ε)."""
-    f = _fast(ctx)
-    m = _positive_int(f.free_replays, "free_replays")
+def free_loss(ctx, params, model_state, extra, batch, key, step):
+    """Free adversarial training (Shafahi et al. 2019, Alg. 1), one of its m = ``free_replays``
+    replays of a batch: the objective has ``replays = m``, so the loop makes m real optimizer updates
+    on the same batch (momentum, weight decay and schedules included). Replay r runs one
+    forward/backward at (θ_r, x + δ_r) giving ∇_θ L (the update) and ∇_x L, and
+    δ_{r+1} = Π(δ_r + ε·sign(∇_x L)) is carried over to the next replay and, through the cache, to
+    the example's next visit. Configure ``train.num_epochs`` divided by m (same number of passes)."""
     x, y, mask = batch["image"], batch["label"], batch["mask"]
     eps = ctx.eps_at(step)
     threat = ctx.threat.replace(eps=eps)
-    xa = jax.lax.stop_gradient(cached_start(ctx, extra, batch, threat, key, step))
+    xa = jax.lax.stop_gradient(cached_start(ctx, extra, batch, threat, key))
 
-    def loss_fn(p, ms, xin):
-        logits, new_state = forward_train(ctx.model, p, ms, xin)
+    def loss_fn(p, xin):
+        logits, new_state = forward_train(ctx.model, p, model_state, xin)
         loss, acc = ce_and_accuracy(logits, y, mask)
         return loss, (new_state, acc)
 
-    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 2), has_aux=True)
-    theta = jax.lax.stop_gradient(params)
-    ms = model_state
-    total = jax.tree.map(jnp.zeros_like, theta)
-    losses, accs = [], []
-    for _ in range(m):  # m is small and static: unrolled
-        (loss, (ms, acc)), (g_theta, g_x) = grad_fn(theta, ms, xa)
-        total = jax.tree.map(jnp.add, total, g_theta)
-        theta = jax.tree.map(lambda t, g: t - lr * g, theta, g_theta)
-        xa = jax.lax.stop_gradient(_signed_step(threat, x, xa, g_x, eps))
-        losses.append(loss)
-        accs.append(acc)
-    return total, jnp.mean(jnp.stack(losses)), jnp.mean(jnp.stack(accs)), ms, xa, eps
-
-
-def free_loss(ctx, params, model_state, extra, batch, key, step):
-    """Free adversarial training with m = ``free_replays`` replays per batch.
-
-    The loop makes one optimizer step per batch, so the m parameter updates are made here: replay r
-    uses the parameters θ_r = θ_0 − lr·(g_0 + … + g_{r−1}) after the previous replays' updates
-    (plain SGD steps at lr = ``ctx.schedules['free_lr'](step)``, which the config sets to the run's
-    learning rate), and the loss handed to the loop has gradient g_0 + … + g_{m−1} (a linear
-    surrogate, no extra pass). With the loop's optimizer = SGD at that lr (no momentum / weight
-    decay) the parameters after the batch are exactly θ_m, the result of m sequential updates (tested);
-    with momentum / weight decay those are applied once per batch to the summed gradient. The
-    perturbation is carried over across replays and, through the cache, to the example's next visit.
-    Configure ``train.num_epochs`` divided by m (Shafahi et al.: same number of passes)."""
-    lr = ctx.schedules["free_lr"](step)
-    grads, loss, acc, new_state, xa, eps = free_replays(ctx, params, model_state, extra, batch,
-                                                        key, step, lr)
-    upd = {"delta": write_cache(xa - batch["image"], extra["instance"]["delta"][batch["index"]],
-                                batch, _fast(ctx).cache_dtype),
+    (loss, (new_state, acc)), (g_theta, g_x) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True)(params, xa)
+    x_next = jax.lax.stop_gradient(_signed_step(threat, x, xa, g_x, eps))
+    upd = {"delta": write_cache(x_next - x, extra["instance"]["delta"][batch["index"]], batch,
+                                _fast(ctx).cache_dtype),
            "seen": jnp.ones_like(batch["mask"])}
-    sur = linear_surrogate(params, grads, loss)
-    return sur, ObjectiveOutput(new_state, upd, {"loss": loss, "adv_accuracy": acc, "eps": eps,
-                                                 "free_lr": lr})
+    # ∇_θ was computed with ∇_x in the same pass: hand it to the loop without another pass
+    sur = linear_surrogate(params, g_theta, loss)
+    return sur, ObjectiveOutput(new_state, upd, {"loss": loss, "adv_accuracy": acc, "eps": eps})
 
 
 def _free_init(ctx, params, n_train, input_shape):
@@ -555,11 +528,12 @@ register("fgsm_ga", Objective(init=None, loss=fgsm_ga_loss))
 register("nfgsm", Objective(init=None, loss=nfgsm_loss))
 register("atta", Objective(init=_atta_init, loss=atta_loss))
 register("atas", Objective(init=_atas_init, loss=atas_loss))
-register("free", Objective(init=_free_init, loss=free_loss, schedules=("free_lr",)))
+register("free", Objective(init=_free_init, loss=free_loss,
+                           replays=lambda cfg: _positive_int(cfg.fast.free_replays, "free_replays")))
 register("yopo", Objective(init=None, loss=yopo_loss))
 
 FAST_AT_OBJECTIVES = ("at", "fgsm_rs", "fgsm_ga", "nfgsm", "atta", "atas", "free", "yopo")
 
 __all__ = ["FAST_AT_OBJECTIVES", "atas_preconditioner", "atas_step_size", "grad_align_regulariser",
            "cache_shape", "cache_bytes", "epoch_of", "read_cache", "write_cache", "cache_attack", "init_cache",
-           "linear_surrogate", "first_layer_output", "probed_loss", "free_replays", "fgsm_rs_points", "nfgsm_points"]
+           "linear_surrogate", "first_layer_output", "probed_loss", "fgsm_rs_points", "nfgsm_points"]

@@ -177,7 +177,13 @@ def build_run(config) -> RunSetup:
                                 steps_per_epoch=steps_per_epoch)
     params_shape = jax.eval_shape(lambda: jmodels.init_variables(
         model, jax.random.PRNGKey(0), info.image_shape))["params"]
-    tx, lr_schedule = make_optimizer(config.optimizer, config.schedule, total, steps_per_epoch,
+    # The optimizer counts updates: replays (Free AT) make several per step.
+    m = objective.replays(config.objective) if callable(objective.replays) else objective.replays
+    objective = dataclasses.replace(objective, replays=int(m))
+    m = objective.replays
+    if m < 1:
+        raise ValueError(f"objective {config.objective.name!r} has replays={m}; expected >= 1.")
+    tx, lr_schedule = make_optimizer(config.optimizer, config.schedule, total * m, steps_per_epoch * m,
                                      params=params_shape, objective_labels=objective.param_labels)
     return RunSetup(config, ds, train_size, num_indices, model, threat, steps_per_epoch, total,
                     objective, ctx, tx,
@@ -235,25 +241,16 @@ def make_update_fn(ctx, objective: jobj.Objective, lr_schedule, augment: str,
                    trace_counter: Optional[Dict[str, int]] = None):
     """The training step: (state, batch) -> (state, metrics). Pure; jitted by the caller.
 
-    ``trace_counter['update']`` counts how often the step is traced (compiled): once per run.
+    An objective with ``replays = m > 1`` (Free AT) makes m optimizer updates on the same batch, each
+    with ``batch['replay'] = r`` and the state (parameters, extra) left by the previous one; the
+    optimizer's schedules then count m updates per step. ``trace_counter['update']`` counts how often
+    the step is traced (compiled): once per run.
     """
+    replays = int(objective.replays)
 
-    def update(state: TrainState, batch):
-        if trace_counter is not None:
-            trace_counter["update"] = trace_counter.get("update", 0) + 1
-        key = jax.random.fold_in(state.key, state.step)
-        k_aug, k_obj = jax.random.split(key)
-        n = batch["image"].shape[0]
-        if augment == "crop_flip":
-            images, offsets, flips = jaug.random_crop_flip(k_aug, batch["image"], pad=AUGMENT_PAD)
-            batch = {**batch, "image": images, "crop_offset": offsets, "flip": flips}
-        else:
-            batch = {**batch, "crop_offset": jnp.full((n, 2), AUGMENT_PAD, jnp.int32),
-                     "flip": jnp.zeros((n,), bool)}
-
+    def one_update(state: TrainState, batch, key, step):
         def loss_fn(params):
-            return objective.loss(ctx, params, state.model_state, state.extra, batch, k_obj,
-                                  state.step)
+            return objective.loss(ctx, params, state.model_state, state.extra, batch, key, step)
 
         (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         out = jobj.ObjectiveOutput(*out)
@@ -272,11 +269,8 @@ def make_update_fn(ctx, objective: jobj.Objective, lr_schedule, augment: str,
                 inst[name] = inst[name].at[idx].set(value.astype(inst[name].dtype), mode="drop")
             extra = {**extra, "instance": inst}
         if objective.after_update is not None:
-            extra = objective.after_update(ctx, params, extra, state.step)
+            extra = objective.after_update(ctx, params, extra, step)
         grad_norm = optax.global_norm(grads)
-        metrics = dict(out.metrics, grad_norm=grad_norm, lr=lr_schedule(state.step))
-        for name, sched in ctx.schedules.items():
-            metrics.setdefault(name, sched(state.step))
         new_state = state.replace(params=params, model_state=out.model_state, opt_state=opt_state,
                                   extra=extra)
         # A non-finite loss or gradient leaves the state as it was (the last finite one) and records
@@ -284,10 +278,33 @@ def make_update_fn(ctx, objective: jobj.Objective, lr_schedule, augment: str,
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & (state.nonfinite_step < 0)
         new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
         new_state = new_state.replace(
-            step=state.step + 1,
             nonfinite_step=jnp.where(finite | (state.nonfinite_step >= 0), state.nonfinite_step,
-                                     state.step))
-        return new_state, metrics
+                                     step))
+        return new_state, dict(out.metrics, grad_norm=grad_norm)
+
+    def update(state: TrainState, batch):
+        if trace_counter is not None:
+            trace_counter["update"] = trace_counter.get("update", 0) + 1
+        step = state.step
+        key = jax.random.fold_in(state.key, step)
+        k_aug, k_obj = jax.random.split(key)
+        n = batch["image"].shape[0]
+        if augment == "crop_flip":
+            images, offsets, flips = jaug.random_crop_flip(k_aug, batch["image"], pad=AUGMENT_PAD)
+            batch = {**batch, "image": images, "crop_offset": offsets, "flip": flips}
+        else:
+            batch = {**batch, "crop_offset": jnp.full((n, 2), AUGMENT_PAD, jnp.int32),
+                     "flip": jnp.zeros((n,), bool)}
+        if replays == 1:
+            state, metrics = one_update(state, batch, k_obj, step)
+        else:
+            for r in range(replays):  # static and small: unrolled
+                state, metrics = one_update(state, {**batch, "replay": jnp.int32(r)},
+                                            jax.random.fold_in(k_obj, r), step)
+        metrics = dict(metrics, lr=lr_schedule(step * replays))
+        for name, sched in ctx.schedules.items():
+            metrics.setdefault(name, sched(step))
+        return state.replace(step=step + 1), metrics
 
     return update
 

@@ -23,6 +23,9 @@ An objective is an :class:`Objective`, a group of pure functions in the optax ``
   ``'eps'``); each must be configured under ``objective.schedules.<name>``.
 - ``validate(objective_config)`` (optional): raises a ValueError on bad settings, before the run
   writes anything.
+- ``replays`` (default 1): optimizer updates per batch; with m > 1 the loop runs loss → optimizer
+  update → instance scatter → after_update m times on the same batch (``batch['replay'] = r``), each
+  from the state the previous one left (Free adversarial training).
 
 Any objective gets an exponential moving average of its weights in ``extra['ema']`` when
 ``objective.ema_decay > 0`` (the loop wraps it with :func:`with_ema`).
@@ -64,6 +67,9 @@ class Objective:
     param_labels: Optional[Callable] = None
     schedules: Tuple[str, ...] = ()
     validate: Optional[Callable] = None  # (objective config) -> None; raises ValueError on bad values
+    # optimizer updates per batch (Free AT's m), or a function of the objective config giving it;
+    # batch['replay'] = r when > 1
+    replays: Any = 1
 
     def init_extra(self, ctx, params, n_train: int, input_shape) -> Any:
         return {} if self.init is None else self.init(ctx, params, n_train, tuple(input_shape))
@@ -234,7 +240,7 @@ def with_ema(objective: Objective, decay: Optional[float] = None) -> Objective:
 
     return Objective(init=init, loss=loss, after_update=after_update,
                      param_labels=objective.param_labels, schedules=objective.schedules,
-                     validate=objective.validate)
+                     validate=objective.validate, replays=objective.replays)
 
 
 register("standard", Objective(init=None, loss=standard_loss))
