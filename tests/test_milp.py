@@ -335,9 +335,9 @@ def test_tiny_time_limit_is_a_timeout_not_a_certificate():
 
 def test_time_limit_bounds_each_examples_wall_time_and_second_call_does_not_retrace():
     """A problem that times out: every example's wall time (intervals, MILP rows, solves, checks)
-    stays within its time limit (HiGHS gets only what is left, less a reserve) up to HiGHS's own
-    overrun past its limit (it checks its clock between nodes: up to ~0.25 s seen on a loaded
-    2-core machine); the overshoot was 4-70% when only solver time counted. A second call with the same fn and shapes reuses the
+    stays within its time limit (HiGHS gets what is left, less a reserve, and runs in a child process
+    stopped at the deadline: it overran its own limit by seconds on fc1 MILPs); the overshoot was
+    4-70% when only solver time counted. A second call with the same fn and shapes reuses the
     compiled logits / pre-screen / intervals: no new trace."""
     from jaxrobust.certify.milp import _compiled_pieces
     params = _params(11, [8, 96, 96, 96, K])
@@ -346,13 +346,15 @@ def test_time_limit_bounds_each_examples_wall_time_and_second_call_does_not_retr
     y = jnp.argmax(fn(x), 1).astype(jnp.int32)
     threat = ThreatModel("linf", 0.2)
     res = milp_verify(fn, x, y, threat, time_limit=1.0, exact_margin=True)
-    assert list(res.status) == ["timeout", "timeout"] and res.n_binary.min() > 150
-    assert np.all(res.seconds <= 1.0 + 0.3), res.seconds
+    # (HiGHS may or may not stumble on a counterexample within the limit, depending on the load)
+    assert set(res.status) <= {"timeout", "falsified"} and res.n_binary.min() > 150
+    assert "timeout" in set(res.status) or res.seconds.max() < 1.0
+    assert np.all(res.seconds <= 1.0 + 0.2), res.seconds
     traces = _compiled_pieces(fn, "crown").traces
     assert traces == 3  # logits, pre-screen, one example's intervals
     res2 = milp_verify(fn, x, y, threat, time_limit=0.5, exact_margin=True)
     assert _compiled_pieces(fn, "crown").traces == traces
-    assert np.all(res2.seconds <= 0.5 + 0.3), res2.seconds
+    assert np.all(res2.seconds <= 0.5 + 0.2), res2.seconds
     np.testing.assert_array_equal(res.n_binary, res2.n_binary)
 
 

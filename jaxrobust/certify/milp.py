@@ -42,7 +42,11 @@ rounding error in them cannot cut off a true network state. A neuron whose float
 from __future__ import annotations
 
 import functools
+import multiprocessing
+import os
 import time
+import types
+import warnings
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import chex
@@ -320,8 +324,45 @@ class _ClassSolve(NamedTuple):
     note: str
 
 
+def _milp_child(conn, c, kwargs):
+    try:
+        r = milp(c, **kwargs)
+        conn.send({"status": r.status, "message": r.message, "x": r.x, "fun": r.fun,
+                   "mip_dual_bound": getattr(r, "mip_dual_bound", None)})
+    finally:
+        conn.close()
+
+
+def _milp_with_deadline(c, kwargs, deadline: float):
+    """scipy's ``milp`` in a forked child that is killed after ``deadline`` seconds: HiGHS checks its
+    own time limit only now and then (seconds late on MILPs with thousands of rows, e.g. its root LP),
+    and scipy offers no way to interrupt it. The child runs HiGHS only (no JAX). Returns the result
+    (a namespace with scipy's fields) or None when it was killed. Without ``os.fork``: a plain call."""
+    if not hasattr(os, "fork"):
+        return milp(c, **kwargs)
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # JAX warns on fork; the child never uses JAX
+        proc = ctx.Process(target=_milp_child, args=(send, c, kwargs), daemon=True)
+        proc.start()
+    send.close()
+    res = None
+    try:
+        if recv.poll(max(deadline, 0.0)):
+            res = types.SimpleNamespace(**recv.recv())
+    except EOFError:  # the child died without an answer
+        res = None
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+        recv.close()
+    return res
+
+
 def _solve_class(enc: _Encoding, prob: _Problem, y: int, i: int, *, cutoff: bool, time_limit: float,
-                 mip_rel_gap: float) -> _ClassSolve:
+                 mip_rel_gap: float, hard_deadline: Optional[float] = None) -> _ClassSolve:
     """min z_y - z_i over the example's MILP with HiGHS.
 
     With ``cutoff`` the row z_y - z_i <= 0 is added (MIPVerify's formulation: robust ⇔ infeasible),
@@ -336,9 +377,12 @@ def _solve_class(enc: _Encoding, prob: _Problem, y: int, i: int, *, cutoff: bool
         A = sp.vstack([A, sp.csr_matrix(c[None])], format="csr")
         lo, hi = np.r_[lo, -np.inf], np.r_[hi, -c0]
     cons = LinearConstraint(A, lo, hi) if A.shape[0] else None
-    res = milp(c, integrality=prob.integrality, bounds=Bounds(prob.lb, prob.ub), constraints=cons,
-               options={"disp": False, "presolve": True, "mip_rel_gap": float(mip_rel_gap),
-                        "time_limit": float(time_limit)})
+    kwargs = dict(integrality=prob.integrality, bounds=Bounds(prob.lb, prob.ub), constraints=cons,
+                  options={"disp": False, "presolve": True, "mip_rel_gap": float(mip_rel_gap),
+                           "time_limit": float(time_limit)})
+    res = _milp_with_deadline(c, kwargs, hard_deadline) if hard_deadline is not None else milp(c, **kwargs)
+    if res is None:  # HiGHS overran its own limit past the example's budget and was stopped
+        return _ClassSolve(-np.inf, False, None, False, None, "stopped at the time limit (HiGHS overran it)")
     lower, proven, note = -np.inf, False, ""
     dual = getattr(res, "mip_dual_bound", None)
     if dual is not None and np.isfinite(dual):
@@ -563,7 +607,8 @@ def milp_verify(fn: Callable, x, y, threat: ThreatModel, *, method: str = "crown
                 break
             t_solve = time.perf_counter()
             r = _solve_class(enc, prob, yb, i, cutoff=not exact_margin, time_limit=remaining,
-                             mip_rel_gap=mip_rel_gap)
+                             mip_rel_gap=mip_rel_gap,
+                             hard_deadline=time_limit - (time.perf_counter() - t_start))
             overrun = time.perf_counter() - t_solve - remaining
             _HIGHS_OVERRUN[0] = min(max(_HIGHS_OVERRUN[0], overrun), 1.0)
             n_solves[b] += 1
@@ -597,7 +642,8 @@ def milp_verify(fn: Callable, x, y, threat: ThreatModel, *, method: str = "crown
             val, xs, i_c = best
             xs = np.clip(np.asarray(xs, np.float32), lo_in, hi_in).reshape(feat)
             inside = bool(np.asarray(tb.contains(x[b:b + 1], jnp.asarray(xs)[None], atol=1e-6))[0])
-            lg = np.asarray(pieces.logits(jnp.asarray(xs)[None]), np.float64)[0]
+            # (evaluated in the batch's shape, so the compiled logits are reused: no new trace)
+            lg = np.asarray(pieces.logits(x.at[b].set(jnp.asarray(xs, x.dtype))), np.float64)[b]
             fwd = lg[yb] - lg[i_c]
             if abs(fwd - val) > _MISMATCH_TOL:
                 mismatch[b] = True
