@@ -481,7 +481,8 @@ def milp_verify(fn: Callable, x, y, threat: ThreatModel, *, method: str = "crown
         (big-M constants, stable neurons) and for the pre-screen: classes whose margin lower bound is
         already > 0 are certified without a MILP.
       time_limit: per-example budget in seconds of wall time (intervals, MILP rows, solves and
-        checks; each solve gets what is left), shared by its classes. A class still
+        checks; each solve gets what is left, and HiGHS runs in a forked child process that is
+        stopped at the deadline, since it may overrun its own limit), shared by its classes. A class still
         undecided when it runs out (or when the solver stops without a proof) makes the example
         'timeout', i.e. not certified; a dual bound > 0 at the limit still proves the class.
       return_counterexample: keep the (B, *f) counterexamples in the result.
