@@ -161,6 +161,17 @@ def test_ibp_crown_ibp_and_kw_losses_upper_bound_the_clean_ce(norm):
     assert robust == pytest.approx([clean] * 3, rel=1e-5)
 
 
+def test_bound_losses_at_the_start_of_an_eps_ramp_have_finite_gradients_on_sigmoid_nets():
+    # ε = 0 and zero inputs with zero biases: zero-width intervals at z = 0, where the sigmoid tangent
+    # points of the relaxations have a NaN derivative (the start of every ε ramp)
+    model, variables = _net("sigmoid")
+    batch = {**_batch(), "image": jnp.zeros((8,) + SHAPE)}
+    ctx = _ctx(model, "linf", 0.0, kappa=0.5, beta=1.0)
+    for loss in (C.kw_loss, C.ibp_loss, C.crown_ibp_loss):
+        g = jax.jit(jax.grad(lambda p: loss(ctx, p, {}, {}, batch, None, 0)[0]))(variables["params"])
+        assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree.leaves(g)), loss.__name__
+
+
 def test_crown_ibp_at_beta_one_is_the_crown_ibp_bound():
     model, variables = _net("relu")
     x = _batch()["image"]

@@ -137,6 +137,18 @@ def per_regularizer(d, alpha, beta, C: int):
     return beta * jnp.sum(jnp.where(smallest < alpha, 1.0 - smallest / alpha, 0.0), axis=-1)
 
 
+def margin_lower(fn, x, y, threat, method: str):
+    """Margin lower bounds (B, K) of ``method`` over S_ε(x); at ε = 0 (the start of an ε ramp) the
+    exact margins z_y(x) - z_i(x) instead (``lax.cond``: no bound pass, and no gradient through
+    relaxations of zero-width intervals, whose sigmoid tangent points have NaN derivatives)."""
+    def exact():
+        z = fn(x)
+        zy = jnp.take_along_axis(z, y[:, None], axis=1)
+        return jnp.where(jax.nn.one_hot(y, z.shape[-1], dtype=bool), 0.0, zy - z)
+    bound = lambda: margin_bounds(fn, x, y, threat, method=method).lower
+    return jax.lax.cond(jnp.all(threat.eps_for(x) > 0), bound, exact)
+
+
 def _clean(ctx, params, model_state, batch):
     logits, new_state = forward_train(ctx.model, params, model_state, batch["image"])
     ce, acc = ce_and_accuracy(logits, batch["label"], batch["mask"])
@@ -175,7 +187,7 @@ def ibp_loss(ctx, params, model_state, extra, batch, key, step):
     _, new_state, ce, acc = _clean(ctx, params, model_state, batch)
     threat, eps = _threat(ctx, step)
     x, y, mask = _f32(batch["image"]), batch["label"], batch["mask"]
-    lower = margin_bounds(bound_logits_fn(ctx, params, new_state), x, y, threat, method="ibp").lower
+    lower = margin_lower(bound_logits_fn(ctx, params, new_state), x, y, threat, "ibp")
     rob = masked_mean(robust_ce(lower, y), mask)
     kappa = ctx.schedules["kappa"](step)
     loss = kappa * ce + (1.0 - kappa) * rob
@@ -187,9 +199,8 @@ def ibp_loss(ctx, params, model_state, extra, batch, key, step):
 def crown_ibp_lower(fn, x, y, threat, beta):
     """Zhang et al. (2020): β·m_CROWN-IBP + (1-β)·m_IBP; the CROWN-IBP backward pass is skipped
     (``lax.cond``) once β = 0."""
-    ibp = margin_bounds(fn, x, y, threat, method="ibp").lower
-    crown = jax.lax.cond(beta > 0, lambda: margin_bounds(fn, x, y, threat, method="crown_ibp").lower,
-                         lambda: ibp)
+    ibp = margin_lower(fn, x, y, threat, "ibp")
+    crown = jax.lax.cond(beta > 0, lambda: margin_lower(fn, x, y, threat, "crown_ibp"), lambda: ibp)
     return beta * crown + (1.0 - beta) * ibp
 
 
@@ -216,7 +227,7 @@ def kw_loss(ctx, params, model_state, extra, batch, key, step):
     logits, new_state, ce, acc = _clean(ctx, params, model_state, batch)
     threat, eps = _threat(ctx, step)
     x, y, mask = _f32(batch["image"]), batch["label"], batch["mask"]
-    lower = margin_bounds(bound_logits_fn(ctx, params, new_state), x, y, threat, method="fastlin").lower
+    lower = margin_lower(bound_logits_fn(ctx, params, new_state), x, y, threat, "fastlin")
     loss = masked_mean(robust_ce(lower, y), mask)
     return loss, ObjectiveOutput(new_state, {}, {"loss": loss, "ce": ce, "accuracy": acc, "eps": eps,
                                                   "certified": certified_fraction(lower, y, mask)})
@@ -367,7 +378,7 @@ def sabr_loss(ctx, params, model_state, extra, batch, key, step):
     lam = float(ctx.cfg.certified.sabr_lambda)
     centres = jax.lax.stop_gradient(sabr_centers(ctx, x, x_adv, eps, lam))
     small = ctx.threat.replace(eps=_f32(lam * eps))
-    lower = margin_bounds(bound_logits_fn(ctx, params, new_state), centres, y, small, method="ibp").lower
+    lower = margin_lower(bound_logits_fn(ctx, params, new_state), centres, y, small, "ibp")
     loss = masked_mean(robust_ce(lower, y), mask)
     return loss, ObjectiveOutput(new_state, {}, {"loss": loss, "ce": ce, "accuracy": acc, "eps": eps,
                                                   "small_box_certified": certified_fraction(lower, y, mask)})
@@ -382,7 +393,7 @@ def mtl_ibp_loss(ctx, params, model_state, extra, batch, key, step):
     adv_logits, new_state = forward_train(ctx.model, params, new_state, x_adv)
     adv_ce, adv_acc = ce_and_accuracy(adv_logits, y, mask)
     threat = ctx.threat.replace(eps=_f32(eps))
-    lower = margin_bounds(bound_logits_fn(ctx, params, new_state), _f32(x), y, threat, method="ibp").lower
+    lower = margin_lower(bound_logits_fn(ctx, params, new_state), _f32(x), y, threat, "ibp")
     rob = masked_mean(robust_ce(lower, y), mask)
     alpha = _value(ctx, "mtl_alpha", ctx.cfg.certified.mtl_alpha, step)
     loss = alpha * rob + (1.0 - alpha) * adv_ce
@@ -410,5 +421,5 @@ register("mtl_ibp", Objective(init=check_bounds_init("ibp"), loss=mtl_ibp_loss))
 
 __all__ = ["METHOD_NAMES", "LINEAR_METHODS", "bound_logits_fn", "robust_ce", "certified_fraction",
            "subsample", "safe_dual_norm", "envelope_signed_distances", "per_regularizer", "per_terms", "check_bounds_init",
-           "crown_ibp_lower", "mmr_regularizer", "sabr_centers", "ibp_loss", "crown_ibp_loss",
+           "crown_ibp_lower", "margin_lower", "mmr_regularizer", "sabr_centers", "ibp_loss", "crown_ibp_loss",
            "kw_loss", "sabr_loss", "mtl_ibp_loss"]
