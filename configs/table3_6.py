@@ -13,8 +13,8 @@ budget; CNN: constant ε, PER switched on after 10 epochs of adversarial-trainin
 envelope of 20 (MNIST CNN) / 10 (CIFAR CNN) subsampled instances per batch (Algorithm 3.6). IBP and
 CROWN-IBP follow Zhang et al. 2020 with the training length aligned to 100 epochs: ε ramped linearly
 from 0 over the first 50 epochs, κ 1 -> 0.5 (IBP) / 1 -> 0 (CROWN-IBP), β 1 -> 0 over the ramp. KW
-ramps ε from 0.001 over 20 epochs (Wong & Kolter's starting_epsilon). Beyond the thesis: SABR λ = 0.4, MTL-IBP α = 0.5 with the IBP ε
-ramp (not tuned for these nets). fashion_mnist/mnist use the MNIST values, cifar10 FC1 (absent from
+ramps ε from 0.001 over 20 epochs (Wong & Kolter's starting_epsilon). Beyond the thesis: SABR λ = 0.4,
+MTL-IBP α = 0.5 with the IBP ε ramp (not tuned for these nets). fashion_mnist/mnist use the MNIST values, cifar10 FC1 (absent from
 the thesis) the CIFAR-10 CNN values.
 """
 from configs.common import base_config, schedule_config
