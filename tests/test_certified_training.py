@@ -304,6 +304,27 @@ def test_smoke_run_certifies_end_to_end(tmp_path):
     assert cert and "ibp" in json.dumps(cert).lower()
 
 
+def _sota_smoke(method, tmp_path):
+    """A sota_certified recipe (CNN7 + BatchNorm, crop/flip, clipping) on mock data: digits images and
+    a narrow CNN7."""
+    c = sota_certified.get_config(f"cifar10_cnn7_{method}_8,smoke")
+    c.data.name, c.data.batch_size = "digits", 16
+    c.model.kwargs.width, c.model.kwargs.linear = 2, 8
+    summary = train(c, str(tmp_path))
+    assert summary["steps"] == 3 and summary["compiles"] == {"update": 1}
+    assert all(np.isfinite(v) for v in summary["final_train_metrics"].values())
+
+
+def test_sota_recipe_trains_cnn7_with_sabr_on_mock_data(tmp_path):
+    _sota_smoke("sabr", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["mtl_ibp", "crown_ibp", "ibp"])
+def test_sota_recipes_train_on_mock_data(method, tmp_path):
+    _sota_smoke(method, tmp_path)
+
+
 # ----------------------------------------------------------------------------- a real ordering
 def _ordering_run(method, tmp_path, steps, eps=0.1):
     """A few hundred steps of ``method`` on mnist5k (FC 784-100-10, l_inf ε = 0.1, ε ramped over the
