@@ -220,6 +220,33 @@ def test_mmr_rejects_non_relu_nets_and_penalises_close_boundaries():
     assert np.all(np.asarray(r_small)[correct] == 0) and np.all(np.asarray(r_small)[~correct] > 0)
 
 
+def test_mmr_sees_every_hidden_preactivation_of_a_cnn():
+    model = create_model("cnn_small", 10)
+    variables = init_variables(model, jax.random.PRNGKey(0), (8, 8, 1))
+    x1 = jax.random.uniform(jax.random.PRNGKey(1), (8, 8, 1))
+    h, z = C._hidden_and_logits(model, variables, x1)
+    assert h.shape == (4 * 4 * 16 + 2 * 2 * 32 + 100,)
+    np.testing.assert_allclose(np.asarray(z), np.asarray(model.apply(variables, x1[None])[0]), rtol=1e-6)
+    r = C.mmr_regularizer(_ctx(model), variables["params"], x1[None], jnp.array([1]))
+    assert r.shape == (1,) and bool(jnp.isfinite(r[0])) and float(r[0]) > 0
+
+
+def test_bounds_run_in_float32_for_a_bfloat16_model():
+    model = create_model("fc", 10, widths=(12,), dtype=jnp.bfloat16)
+    variables = init_variables(model, jax.random.PRNGKey(0), SHAPE)
+    ref_model = create_model("fc", 10, widths=(12,))
+    ctx = _ctx(model)
+    x, y = _batch()["image"], _batch()["label"]
+    fn = C.bound_logits_fn(ctx, variables["params"], {})
+    threat = ThreatModel(norm="linf", eps=0.05)
+    jaxpr = jax.make_jaxpr(fn)(x)
+    assert "bf16" not in str(jaxpr)  # no bf16 computation inside the bounded function
+    ours = margin_bounds(fn, x, y, threat, method="crown_ibp").lower
+    ref = margin_bounds(make_logits_fn(ref_model, variables), x, y, threat, method="crown_ibp").lower
+    assert ours.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-6, atol=1e-6)
+
+
 def test_cnn7_trains_with_ibp_bounds_and_bn():
     model = create_model("cnn7", 10, width=2, linear=8)
     variables = init_variables(model, jax.random.PRNGKey(0), (4, 4, 3))
