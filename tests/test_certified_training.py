@@ -413,3 +413,14 @@ def test_a_bound_method_on_an_unsupported_primitive_fails_before_training_naming
     setup = build_run(c)
     with pytest.raises(ValueError, match="'sin'"):  # when the train state is created, not at step 1
         create_run_state(setup)
+
+
+@pytest.mark.parametrize("field,value", [("per_alpha", 0.0), ("per_c", 0), ("sabr_lambda", 1.5),
+                                         ("mtl_alpha", -0.1), ("mmr_gamma_b", -1.0)])
+def test_bad_certified_settings_fail_with_one_line_errors(field, value):
+    c = table3_6.get_config("mnist5k_fc1_lper,smoke")
+    c.data.name, c.data.batch_size = "digits", 32
+    c.model.name, c.model.kwargs.widths = "fc", (8,)
+    c.objective.certified[field] = value
+    with pytest.raises(ValueError, match=f"objective.certified.{field} must be"):
+        create_run_state(build_run(c))

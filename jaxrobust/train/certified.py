@@ -160,11 +160,25 @@ def _threat(ctx, step):
     return ctx.threat.replace(eps=_f32(eps)), eps
 
 
+def check_certified_config(c) -> None:
+    """One-line ValueErrors for out-of-range ``objective.certified`` settings."""
+    checks = [("per_alpha", c.per_alpha > 0, "> 0"), ("per_c", int(c.per_c) >= 1, "an int >= 1"),
+              ("per_beta", c.per_beta >= 0, ">= 0"), ("mmr_gamma_b", c.mmr_gamma_b > 0, "> 0"),
+              ("mmr_gamma_d", c.mmr_gamma_d > 0, "> 0"), ("mmr_k_b", int(c.mmr_k_b) >= 1, "an int >= 1"),
+              ("mmr_lambda", c.mmr_lambda >= 0, ">= 0"),
+              ("sabr_lambda", 0 < c.sabr_lambda <= 1, "in (0, 1]"),
+              ("mtl_alpha", 0 <= c.mtl_alpha <= 1, "in [0, 1]")]
+    for name, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"objective.certified.{name} must be {expected}, got {c[name]!r}.")
+
+
 def check_bounds_init(*methods):
     """An ``Objective.init`` that traces the model's bounds with ``methods`` once on a dummy input
     (shapes only, no compute) when the train state is created: a model with a primitive the bound
     rules do not support fails before training starts, with the bounds' error naming the primitive."""
     def init(ctx, params, n_train, input_shape):
+        check_certified_config(ctx.cfg.certified)
         x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
         y = jnp.zeros((1,), jnp.int32)
 
@@ -412,14 +426,14 @@ register("kw", Objective(init=check_bounds_init("fastlin"), loss=kw_loss))
 register("ibp", Objective(init=check_bounds_init("ibp"), loss=ibp_loss, schedules=("kappa",)))
 register("crown_ibp", Objective(init=check_bounds_init("ibp", "crown_ibp"), loss=crown_ibp_loss,
                                 schedules=("kappa", "crown_beta")))
-register("mmr", Objective(init=None, loss=_mmr_objective(False)))
-register("mmr_at", Objective(init=None, loss=_mmr_objective(True)))
+register("mmr", Objective(init=check_bounds_init(), loss=_mmr_objective(False)))
+register("mmr_at", Objective(init=check_bounds_init(), loss=_mmr_objective(True)))
 for _name, _method in LINEAR_METHODS.items():
     register(_name, Objective(init=check_bounds_init(_method), loss=_per_objective(_name)))
 register("sabr", Objective(init=check_bounds_init("ibp"), loss=sabr_loss))
 register("mtl_ibp", Objective(init=check_bounds_init("ibp"), loss=mtl_ibp_loss))
 
 __all__ = ["METHOD_NAMES", "LINEAR_METHODS", "bound_logits_fn", "robust_ce", "certified_fraction",
-           "subsample", "safe_dual_norm", "envelope_signed_distances", "per_regularizer", "per_terms", "check_bounds_init",
+           "subsample", "safe_dual_norm", "envelope_signed_distances", "per_regularizer", "per_terms", "check_bounds_init", "check_certified_config",
            "crown_ibp_lower", "margin_lower", "mmr_regularizer", "sabr_centers", "ibp_loss", "crown_ibp_loss",
            "kw_loss", "sabr_loss", "mtl_ibp_loss"]
