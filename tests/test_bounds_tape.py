@@ -136,8 +136,9 @@ def test_each_bounds_module_imports_alone(module):
 
 
 def test_no_module_imports_private_names_of_another():
+    """The bounds modules and the MILP encoder (a client of the tape) use public names only."""
     offenders = []
-    for path in sorted(BOUNDS_DIR.glob("*.py")) + sorted((BOUNDS_DIR.parent / "certify").glob("*.py")):
+    for path in sorted(BOUNDS_DIR.glob("*.py")) + [BOUNDS_DIR.parent / "certify" / "milp.py"]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("jaxrobust"):
                 offenders += [f"{path.name}: {node.module}.{a.name}" for a in node.names
