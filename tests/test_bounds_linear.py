@@ -454,9 +454,12 @@ def test_relaxations_are_jittable_and_differentiable_in_the_bounds():
 
     fns = {f"{n}/{m}": functools.partial(_sigmoid_lines, n, mode=m) for n in SIGMOIDS for m in SIGMOID_RELAXATIONS}
     fns.update({f"relu/{m}": functools.partial(_relu_lines, mode=m) for m in ("adaptive", "same_slope")})
+    zero = jnp.array([0.0, 0.3, -2.0], lo.dtype)  # zero-width intervals (ε = 0), one at the inflection
     for what, fn in fns.items():
         gl, gu = jax.jit(jax.grad(total, argnums=(0, 1)), static_argnums=2)(lo, hi, fn)
         assert bool(jnp.all(jnp.isfinite(gl)) & jnp.all(jnp.isfinite(gu))), what
+        zl, zu = jax.grad(total, argnums=(0, 1))(zero, zero, fn)
+        assert bool(jnp.all(jnp.isfinite(zl)) & jnp.all(jnp.isfinite(zu))), (what, "zero width")
         if what.endswith("analytic") or what.startswith("relu"):
             h = 1e-3
             fd = (total(lo, hi + h, fn) - total(lo, hi - h, fn)) / (2 * h)

@@ -74,7 +74,7 @@ def _sigmoid_like(name):
         dphi = lambda z: jax.nn.sigmoid(z) * (1 - jax.nn.sigmoid(z))
 
         def tangent_points(d):  # Table 3.1: φ'(t) = d  ⇔  φ(t) = (1 ± sqrt(1-4d)) / 2
-            s = jnp.sqrt(jnp.clip(1 - 4 * d, 0.0, 1.0))
+            s = jnp.sqrt(jnp.clip(1 - 4 * d, 1e-30, 1.0))  # (floored: finite gradient at d = 1/4)
             p = 2 * d / (1 + s)  # = (1 - s) / 2 without cancellation
             t1 = jnp.log(p) - jnp.log1p(-p)
             return t1, -t1
@@ -89,7 +89,7 @@ def _sigmoid_like(name):
         dphi = lambda z: 1 - jnp.tanh(z) ** 2
 
         def tangent_points(d):  # φ'(t) = d  ⇔  φ(t) = ± sqrt(1 - d)
-            t2 = jnp.arctanh(jnp.clip(jnp.sqrt(jnp.clip(1 - d, 0.0, 1.0)), 0.0, 1 - 1e-7))
+            t2 = jnp.arctanh(jnp.clip(jnp.sqrt(jnp.clip(1 - d, 1e-30, 1.0)), 0.0, 1 - 1e-7))  # (finite at d = 1)
             return -t2, t2
 
         def chord_slope(l, u):
