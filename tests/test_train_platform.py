@@ -301,3 +301,16 @@ def test_instance_state_with_a_validation_split_uses_original_indices(tmp_path):
     assert int(run.extra["n"]) == tr.max() + 1 > len(tr)
     seen = np.asarray(run.extra["instance"]["seen"])
     assert seen.sum() == 60 * 32 and seen[va].sum() == 0 and seen[tr].sum() == 60 * 32
+
+
+def test_eps_schedule_ending_below_the_threat_eps_warns():
+    from jaxrobust.train.loop import build_schedules
+    c = with_defaults(tiny_config())
+    c.objective.eps_schedule = schedule_config("linear", final_fraction=0.5)
+    with pytest.warns(UserWarning, match="ε schedule ends at 0.049"):
+        build_schedules(c, 100, 10)
+    c.objective.eps_schedule = schedule_config("linear", final_fraction=1.0, ramp_epochs=5.0)
+    import warnings as _w
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        build_schedules(c, 100, 10)  # reaches ε: no warning

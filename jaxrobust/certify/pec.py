@@ -68,7 +68,11 @@ def signed_distances(mb: MarginBounds, x, y, norm: str):
     B, K = mb.lower.shape
     b = jnp.sum(_flat(mb.U) * x.reshape(B, 1, -1), axis=-1) + mb.p
     dual = {"linf": "l1", "l2": "l2", "l1": "linf"}[norm]
-    q = lp_norm(_flat(mb.U).reshape(B * K, -1), dual).reshape(B, K)
+    rows = _flat(mb.U).reshape(B * K, -1)
+    if dual == "l2":  # floored before the sqrt: row y is U = 0, whose sqrt(0) has a NaN gradient
+        q = jnp.sqrt(jnp.maximum(jnp.sum(rows * rows, axis=-1), 1e-24)).reshape(B, K)
+    else:
+        q = lp_norm(rows, dual).reshape(B, K)
     d = b / jnp.maximum(q, 1e-12)
     return jnp.where(jax.nn.one_hot(y, K, dtype=bool), jnp.inf, d)
 

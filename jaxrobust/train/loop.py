@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+import warnings
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import jax
@@ -140,6 +141,11 @@ def build_schedules(config, total_steps: int, steps_per_epoch: int, objective=No
         if name == "eps":
             raise ValueError("objective.schedules.eps is reserved: configure objective.eps_schedule.")
         scheds[name] = make_scalar_schedule(sc, float(sc.value), total_steps, steps_per_epoch)
+    end_eps = float(raw_eps(max(total_steps - 1, 0)))
+    if eps > 0 and end_eps < eps * (1 - 1e-3):
+        warnings.warn(f"the ε schedule ends at {end_eps:.6g}, below threat.eps = {eps:g}: the run is "
+                      f"trained for a smaller budget than it will be evaluated and certified at "
+                      f"(check objective.eps_schedule: ramp_epochs, final_fraction).", stacklevel=2)
     missing = [n for n in (objective.schedules if objective is not None else ()) if n not in scheds]
     if missing:
         raise ValueError(f"objective {config.objective.name!r} needs the schedules {missing}: set "
