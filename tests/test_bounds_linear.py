@@ -795,3 +795,28 @@ def test_clear_errors():
         crown_bounds(lambda z: z, x[0], tm)
     with pytest.raises(ValueError, match="batch axis"):
         linear_spec_bounds(lambda z: z, x[0], tm, jnp.ones((1, 4)))
+
+
+@pytest.mark.parametrize("norm", ["l2", "l1", "linf"])
+def test_no_box_concretisation_is_the_closed_form(norm):
+    """Without a box, CROWN concretises every row in closed form (ε·||Λ||_q: no iterative ball∩box
+    solver in the traced computation), with the bounds of a box too wide to matter."""
+    import jax
+    from jaxrobust.bounds import crown_bounds
+    from jaxrobust.threat import ThreatModel
+    k = jax.random.split(jax.random.PRNGKey(7), 4)
+    w1, w2, w3 = (jax.random.normal(k[0], (12, 16)), jax.random.normal(k[1], (16, 16)),
+                  jax.random.normal(k[2], (16, 3)))
+    fn = lambda z: jax.nn.relu(jax.nn.relu(z @ w1) @ w2) @ w3
+    x = jax.random.uniform(k[3], (5, 12))
+    eps = {"l2": 0.3, "l1": 0.6, "linf": 0.05}[norm]
+    free = ThreatModel(norm, eps, box=None)
+    wide = ThreatModel(norm, eps, box=(-1e3, 1e3))
+    lo_f, up_f = crown_bounds(fn, x, free, method="crown")
+    lo_w, up_w = crown_bounds(fn, x, wide, method="crown")
+    np.testing.assert_allclose(lo_f, lo_w, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(up_f, up_w, rtol=1e-4, atol=1e-4)
+    if norm != "linf":
+        jaxpr = str(jax.make_jaxpr(lambda z: crown_bounds(fn, z, free, method="crown"))(x))
+        assert "while" not in jaxpr
+        assert "while" in str(jax.make_jaxpr(lambda z: crown_bounds(fn, z, wide, method="crown"))(x))

@@ -5,37 +5,18 @@ import os
 
 import pytest
 
-from configs.common import base_config
+from test_train import tiny_config
 from jaxrobust.train import load_trained, train
 from jaxrobust.train.workdir import (RESUMABLE_KEYS, diff_configs, import_modules, is_resumable,
                                      parse_imports, prepare_workdir)
 
 
 def tiny(**overrides):
-    c = base_config()
-    c.data.name = "digits"
-    c.data.batch_size = 32
-    c.data.eval_batch_size = 128
-    c.model.name = "fc"
-    c.model.kwargs.widths = (16,)
-    c.threat.eps = 0.1
-    c.objective.name = "standard"
-    c.optimizer.name, c.optimizer.lr = "sgd", 0.05
-    c.schedule.name = "constant"
-    c.train.num_steps = 4
-    c.train.log_every = 2
-    c.train.eval_every_epochs = 0.0
-    c.train.checkpoint_every_steps = 2
-    c.train.tensorboard = False
-    c.eval.attack.steps = 1
-    c.eval.num_examples = 32
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    """test_train's tiny run, shorter: clean training, 4 steps, checkpoints every 2."""
+    base = {"model.kwargs.widths": (16,), "objective.name": "standard", "schedule.name": "constant",
+            "train.num_steps": 4, "train.checkpoint_every_steps": 2, "eval.attack.steps": 1,
+            "eval.num_examples": 32}
+    return tiny_config(**{**base, **overrides})
 
 
 def _stored(wd):

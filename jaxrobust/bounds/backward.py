@@ -93,6 +93,9 @@ class Tape:
 class Options(NamedTuple):
     relu: str
     sigmoid: str
+    # False when the threat model has no box: concretisation then takes the closed dual-norm form
+    # (lo/hi arrays still bound the input interval, at ±inf).
+    boxed: bool = True
 
 
 def classify(prim, ins, where) -> str:
@@ -291,17 +294,21 @@ def backward(tape: Tape, start_id: int, lam, opts: Options, elide_to_ibp: bool =
     return lams, bias
 
 
-def min_linear(lam, bias, x, scale, lo, hi, eps, norm):
+def min_linear(lam, bias, x, scale, lo, hi, eps, norm, boxed: bool = True):
     """min over x' = x + ε⃗ ⊙ v, ||v||_p <= ε, lo <= x' <= hi of <Λ, x'> + bias (exact), with the
-    features on the last axis of every argument (leading axes broadcast: rows, window positions)."""
-    vlo, vhi = geometry.scaled_box(x, scale, lo, hi)
+    features on the last axis of every argument (leading axes broadcast: rows, window positions).
+    ``boxed=False`` ignores lo/hi: the closed form <Λ, x> + bias − ε·||Λ ⊙ ε⃗||_q."""
+    vlo, vhi = geometry.scaled_box(x, scale, lo, hi) if boxed else (None, None)
     w, c = geometry.descent_caps(lam * scale, vlo, vhi)  # lam * scale: gradient w.r.t. v
     return jnp.sum(lam * x, axis=-1) + bias - geometry.max_capped_gain(w, c, eps, norm)
 
 
-def concretise(lam_x, bias, x, scale, lo, hi, eps, norm):
+def concretise(lam_x, bias, x, scale, lo, hi, eps, norm, boxed: bool = True):
     """:func:`min_linear` for rows Λ (R, *x.shape): (R,)"""
     flat = lambda v: jnp.broadcast_to(v, x.shape).reshape(-1)
+    if not boxed:
+        return min_linear(lam_x.reshape(lam_x.shape[0], -1), bias, flat(x), flat(scale), None, None,
+                          eps, norm, boxed=False)
     return min_linear(lam_x.reshape(lam_x.shape[0], -1), bias, flat(x), flat(scale), flat(lo), flat(hi),
                       eps, norm)
 

@@ -130,7 +130,7 @@ def _build_tape(closed, x, scale, lo, hi, eps, *, norm, intermediate, opts, inte
             eye = jnp.eye(n, dtype=x.dtype).reshape((n,) + shape)
             lams, bias = backward(tp, ref.id, eye, opts, paired=True)
             lam_x = lams.get(x_ref.id, jnp.zeros((2 * n,) + x.shape, x.dtype))
-            low = concretise(lam_x, bias, x, scale, lo, hi, eps, norm)
+            low = concretise(lam_x, bias, x, scale, lo, hi, eps, norm, opts.boxed)
             cl, cu = low[:n].reshape(shape), -low[n:].reshape(shape)
         iv = tp.iv[ref.id]
         tp.iv[ref.id] = (Interval(jnp.maximum(iv.lo, cl), jnp.minimum(iv.hi, cu)) if intersect
@@ -159,7 +159,7 @@ def _spec_bounds_one(closed, x, scale, lo, hi, eps, spec, *, norm, intermediate,
     interval_lower = jnp.sum((pos * iv.lo + neg * iv.hi).reshape(R, -1), axis=1)
     lams, bias = backward(tape, out.id, spec.astype(x.dtype), opts, elide_to_ibp=elide_ibp)
     lam_x = lams.get(x_ref.id, jnp.zeros((R,) + x.shape, x.dtype))
-    lower = concretise(lam_x, bias, x, scale, lo, hi, eps, norm)
+    lower = concretise(lam_x, bias, x, scale, lo, hi, eps, norm, opts.boxed)
     if elide_ibp:  # IBP: constant bound (U = 0, p = lower)
         return lower, jnp.zeros_like(lam_x), lower, interval_lower
     return lower, lam_x, bias, interval_lower
@@ -188,7 +188,7 @@ def bound_graph(fn: Callable, x1, threat: ThreatModel, *, method: str = "crown")
     lo, hi = tb.box_arrays(x1)
     tape, x_ref, out = _build_tape(closed, x1, scale, lo, hi, jnp.asarray(threat.eps, x1.dtype),
                                    norm=threat.norm, intermediate=("crown" if inter == "crown" else "ibp"),
-                                   opts=Options(relu_mode, sig_mode))
+                                   opts=Options(relu_mode, sig_mode, threat.box is not None))
     return BoundGraph(tape.nodes, {k: (v.lo, v.hi) for k, v in tape.iv.items()}, tape.shape, x_ref, out)
 
 
@@ -242,7 +242,7 @@ def _spec_bounds(fn, x, threat, spec, method, relu, sigmoid, intersect_ibp, patc
     eps = threat.eps_for(x)
     worker = lambda xb, sb, lb, hb, eb, cb: _spec_bounds_one(
         closed, xb, sb, lb, hb, eb, cb, norm=threat.norm, intermediate=inter,
-        opts=Options(relu_mode, sig_mode), elide_ibp=(method == "ibp"), intersect=intersect_ibp,
+        opts=Options(relu_mode, sig_mode, threat.box is not None), elide_ibp=(method == "ibp"), intersect=intersect_ibp,
         patches=patches)
     lower, U, p, interval_lower = jax.vmap(worker)(x, scale, lo, hi, eps, spec)
     return LinearBounds(lower, U, p), interval_lower

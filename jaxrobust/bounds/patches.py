@@ -493,11 +493,14 @@ def backward_local(tape, start_id: int, x_id: int, plan: Plan, opts):
     return lam_x, bias
 
 
-def concretise_local(lam_x, bias, w: Window, x, scale, lo, hi, eps, norm):
-    """Row-wise exact minimum of <Λ, x'> + bias over S(x) with rows on window patches: (Hs, Ws, R)."""
+def concretise_local(lam_x, bias, w: Window, x, scale, lo, hi, eps, norm, boxed: bool = True):
+    """Row-wise exact minimum of <Λ, x'> + bias over S(x) with rows on window patches: (Hs, Ws, R).
+    ``boxed=False``: no box (closed dual-norm form, lo/hi unused)."""
     grid = lam_x.shape[:2]
     flat = lambda v: v.reshape(v.shape[:3] + (-1,))
     xp, sp = flat(extract(x, w, grid)), flat(extract(scale, w, grid))
+    if not boxed:
+        return min_linear(flat(lam_x), bias, xp, sp, None, None, eps, norm, boxed=False)
     lop = flat(extract(jnp.broadcast_to(lo, x.shape), w, grid))
     hip = flat(extract(jnp.broadcast_to(hi, x.shape), w, grid))
     return min_linear(flat(lam_x), bias, xp, sp, lop, hip, eps, norm)
@@ -507,6 +510,6 @@ def intermediate_bounds(tape, start_id: int, x_id: int, plan: Plan, opts, x, sca
     """(lower, upper) of the value ``start_id`` by the patch-form backward pass (its shape)."""
     lam_x, bias = backward_local(tape, start_id, x_id, plan, opts)
     xc = [canon(tape, x_id, v) for v in (x, scale, lo, hi)]
-    low = concretise_local(lam_x, bias, plan.windows[x_id], *xc, eps, norm)
+    low = concretise_local(lam_x, bias, plan.windows[x_id], *xc, eps, norm, opts.boxed)
     c = low.shape[2] // 2
     return uncanon(tape, start_id, low[..., :c]), uncanon(tape, start_id, -low[..., c:])

@@ -263,6 +263,21 @@ def per_terms(ctx, params, model_state, x, x_ref, y, mask, key, step, method: st
     return per, certified_fraction(mb.lower, ys, sub_mask), d
 
 
+def _clean_or_mixed_ce(ctx, params, model_state, batch, key, step, adversarial: bool):
+    """The CE term of PER/MMR and their +at variants: clean CE, or the mean of clean and PGD CE
+    (thesis Alg 3.6). Returns (model state, ce, metrics, the point the regulariser is taken at)."""
+    x, y, mask = batch["image"], batch["label"], batch["mask"]
+    _, new_state, ce, acc = _clean(ctx, params, model_state, batch)
+    metrics = {"ce": ce, "accuracy": acc}
+    if not adversarial:
+        return new_state, ce, metrics, x
+    x_adv, _ = pgd_points(ctx, params, new_state, batch, key, step)
+    adv_logits, new_state = forward_train(ctx.model, params, new_state, x_adv)
+    adv_ce, adv_acc = ce_and_accuracy(adv_logits, y, mask)
+    metrics.update(adv_ce=adv_ce, adv_accuracy=adv_acc)
+    return new_state, 0.5 * (ce + adv_ce), metrics, x_adv
+
+
 def _per_objective(name: str):
     method = LINEAR_METHODS[name]
     adversarial = name.endswith("_at")
@@ -270,16 +285,8 @@ def _per_objective(name: str):
     def loss_fn(ctx, params, model_state, extra, batch, key, step):
         k_sub, k_adv = jax.random.split(key)
         x, y, mask = batch["image"], batch["label"], batch["mask"]
-        _, new_state, ce, acc = _clean(ctx, params, model_state, batch)
-        metrics = {"ce": ce, "accuracy": acc}
-        x_ref = x
-        if adversarial:
-            x_adv, _ = pgd_points(ctx, params, new_state, batch, k_adv, step)
-            adv_logits, new_state = forward_train(ctx.model, params, new_state, x_adv)
-            adv_ce, adv_acc = ce_and_accuracy(adv_logits, y, mask)
-            ce = 0.5 * (ce + adv_ce)
-            metrics.update(adv_ce=adv_ce, adv_accuracy=adv_acc)
-            x_ref = x_adv
+        new_state, ce, metrics, x_ref = _clean_or_mixed_ce(ctx, params, model_state, batch, k_adv, step,
+                                                           adversarial)
         per, cert, _ = per_terms(ctx, params, new_state, x, x_ref, y, mask, k_sub, step, method)
         loss = ce + per
         metrics.update(loss=loss, per=per, certified=cert, eps=ctx.eps_at(step))
@@ -351,16 +358,8 @@ def _mmr_objective(adversarial: bool):
         _check_mmr(ctx, model_state)
         k_sub, k_adv = jax.random.split(key)
         x, y, mask = batch["image"], batch["label"], batch["mask"]
-        _, new_state, ce, acc = _clean(ctx, params, model_state, batch)
-        metrics = {"ce": ce, "accuracy": acc}
-        x_ref = x
-        if adversarial:
-            x_adv, _ = pgd_points(ctx, params, new_state, batch, k_adv, step)
-            adv_logits, new_state = forward_train(ctx.model, params, new_state, x_adv)
-            adv_ce, adv_acc = ce_and_accuracy(adv_logits, y, mask)
-            ce = 0.5 * (ce + adv_ce)
-            metrics.update(adv_ce=adv_ce, adv_accuracy=adv_acc)
-            x_ref = x_adv
+        new_state, ce, metrics, x_ref = _clean_or_mixed_ce(ctx, params, model_state, batch, k_adv, step,
+                                                           adversarial)
         idx, sub_mask = subsample(k_sub, mask, int(ctx.cfg.certified.subsample))
         lam = _value(ctx, "mmr_lambda", ctx.cfg.certified.mmr_lambda, step)
         mmr = lam * masked_mean(mmr_regularizer(ctx, params, x_ref[idx], y[idx]), sub_mask)
