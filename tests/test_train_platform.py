@@ -314,3 +314,10 @@ def test_eps_schedule_ending_below_the_threat_eps_warns():
     with _w.catch_warnings():
         _w.simplefilter("error")
         build_schedules(c, 100, 10)  # reaches ε: no warning
+
+
+def test_summary_json_has_no_float_noise(tmp_path):
+    train(tiny_config(**{"train.num_steps": 2}), str(tmp_path))
+    text = open(tmp_path / "summary.json").read()
+    import re
+    assert all(len(m) <= 12 for m in re.findall(r"\d+\.\d+", text)), text  # ≤ 7 significant digits

@@ -37,7 +37,7 @@ from jaxrobust.data import augment as jaug
 from jaxrobust.threat import ThreatModel
 from jaxrobust.train import objectives as jobj
 from jaxrobust.train.checkpoint import Checkpointer
-from jaxrobust.train.metrics import MetricWriter, Progress
+from jaxrobust.train.metrics import MetricWriter, Progress, round_floats
 from jaxrobust.train.monitors import monitors_from_config
 from jaxrobust.train.optim import make_optimizer
 from jaxrobust.train.schedules import make_scalar_schedule
@@ -482,7 +482,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     if jax.process_index() == 0:
         tmp = os.path.join(workdir, "summary.json.tmp")
         with open(tmp, "w") as f:
-            json.dump(summary, f, indent=2)
+            json.dump(round_floats(summary), f, indent=2)  # without float noise
         os.replace(tmp, os.path.join(workdir, "summary.json"))
     writer.close()
     return summary

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -74,3 +75,31 @@ class Progress:
     def maybe_print(self, step: int, extra: str = ""):
         if jax.process_index() == 0 and (step % self.every == 0 or step == self.total):
             print(self.line(step, extra), file=sys.stderr, flush=True)
+
+
+def _round_float(x: float, digits: int) -> float:
+    if not math.isfinite(x) or x == 0:
+        return x
+    return float(f"{x:.{digits}g}")
+
+
+def round_floats(obj, digits: int = 7):
+    """Rounds every float of a nested result (dicts, lists, tuples, numpy scalars and arrays) to
+    ``digits`` significant digits, which removes float noise (``2.6000000000000023`` -> ``2.6``,
+    ``100 * 8 / 100`` stays ``8.0``) and keeps what float32 results and counts fractions carry.
+    Integers, booleans and strings are unchanged; numpy arrays become lists."""
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return _round_float(float(obj), digits)
+    if isinstance(obj, dict):
+        return {k: round_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [round_floats(v, digits) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return round_floats(obj.tolist(), digits)
+    if hasattr(obj, "__array__") and hasattr(obj, "shape"):  # jax arrays
+        return round_floats(np.asarray(obj).tolist(), digits)
+    return obj
