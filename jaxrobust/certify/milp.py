@@ -59,6 +59,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from jaxrobust.bounds.backward import Ref as _Ref
 from jaxrobust.bounds.linear import METHODS, bound_graph, margin_bounds, node_function
 from jaxrobust.bounds.relaxations import RELU_LIKE
+from jaxrobust.certify.pec import check_entry_point
 from jaxrobust.threat import ThreatModel
 
 STATUSES = ("verified", "falsified", "timeout", "misclassified")
@@ -503,17 +504,9 @@ def milp_verify(fn: Callable, x, y, threat: ThreatModel, *, method: str = "crown
         raise ValueError(f"unknown bound method {method!r}; choose from {sorted(METHODS)}")
     if not time_limit > 0:
         raise ValueError(f"time_limit must be > 0 seconds, got {time_limit}.")
-    if not callable(fn):
-        raise TypeError(f"milp_verify: fn must be a callable mapping (B, *f) to logits (B, K), got {type(fn)}.")
     x = jnp.asarray(x)
-    K = None
-    if x.ndim >= 2:  # else validate_inputs says a batch axis is expected
-        out = jax.eval_shape(fn, jax.ShapeDtypeStruct(x.shape, x.dtype))
-        if not hasattr(out, "shape") or len(out.shape) != 2 or out.shape[0] != x.shape[0]:
-            raise ValueError(f"fn must map (B, *f) to logits (B, K); got output shape "
-                             f"{getattr(out, 'shape', out)}.")
-        K = int(out.shape[1])
-    threat.validate_inputs(x, y, num_classes=K)  # NaN, box, label shape and range
+    # the entry checks shared with certify: fn's output shape, NaN, box, label shape and range
+    K = check_entry_point("milp_verify", fn, x, y, threat)
     y_np = np.asarray(y)
     B = x.shape[0]
     feat = tuple(x.shape[1:])

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxrobust.bounds.linear import margin_bounds
-from jaxrobust.certify.pec import _check_entry
+from jaxrobust.certify.pec import check_entry_point
 from jaxrobust.threat import ThreatModel
 
 
@@ -55,7 +55,7 @@ def nonuniform_bounds(fn: Callable, x, y, *, norm: str = "linf", box=(0.0, 1.0),
       delta: δ of (3.9), the required margin lower bound.
       lr: Adam step on the scaled ζ (default 0.02 uniform, 0.005 non-uniform).
     """
-    _check_entry("nonuniform_bounds", fn, x, y, ThreatModel(norm, eps0, box=box))
+    check_entry_point("nonuniform_bounds", fn, x, y, ThreatModel(norm, eps0, box=box))
     dt = x.dtype
     B = x.shape[0]
     feat = x.shape[1:]

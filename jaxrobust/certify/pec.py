@@ -170,7 +170,7 @@ def _per_example(threat: ThreatModel, x):
     return eps, (pf if per_ex_pf else None), rebuild
 
 
-def _check_entry(name, fn, x, y, threat: ThreatModel):
+def check_entry_point(name, fn, x, y, threat: ThreatModel):
     """Clear eager errors (NaN, box, label shape and range: ThreatModel.validate_inputs) plus chex
     shape/type assertions that also hold under jit. Returns the number of classes."""
     if not callable(fn):
@@ -226,7 +226,7 @@ def certify(fn: Callable, x, y, threat: ThreatModel, *, method: str = "crown",
 
     The examples run in chunks sized from ``memory_budget_bytes`` (see :func:`chunk_size`); results do
     not depend on the chunking. Called eagerly it compiles once per (fn, method, chunk size)."""
-    _check_entry("certify", fn, x, y, threat)
+    check_entry_point("certify", fn, x, y, threat)
     x, y = jnp.asarray(x), jnp.asarray(y)
     chunk = chunk_size(fn, x, memory_budget_bytes, method=method)
     if _tracing(x, y, threat):
@@ -289,7 +289,7 @@ def optimal_eps_search(fn: Callable, x, y, threat: ThreatModel, *, eps_high: flo
     Examples are searched in chunks sized from ``memory_budget_bytes`` (each chunk stops when its own
     examples are done; per-example results do not depend on the chunking).
     """
-    _check_entry("optimal_eps_search", fn, x, y, threat)
+    check_entry_point("optimal_eps_search", fn, x, y, threat)
     if not (eps_high > eps_low >= 0 and tol > 0):
         raise ValueError(f"need eps_high > eps_low >= 0 and tol > 0, got {eps_high}, {eps_low}, {tol}")
     x, y = jnp.asarray(x), jnp.asarray(y)
@@ -305,7 +305,7 @@ def certified_radius_curve(fn: Callable, x, y, threat: ThreatModel, eps_values, 
     """Certified radius of PEC and of the plain certifier as a function of the budget ε (Fig. 3.6).
     Returns (pec (E, B), plain (E, B)). One compiled program serves every ε (chunked like
     :func:`certify`)."""
-    _check_entry("certified_radius_curve", fn, x, y, threat)
+    check_entry_point("certified_radius_curve", fn, x, y, threat)
     x, y = jnp.asarray(x), jnp.asarray(y)
     chunk = chunk_size(fn, x, memory_budget_bytes, method=method)
     eps_values = np.asarray(eps_values, dtype=np.dtype(x.dtype)).reshape(-1)
