@@ -194,3 +194,50 @@ def with_defaults(config) -> ml_collections.ConfigDict:
     for group in cfg.optimizer.param_groups.values():
         _fill(group, param_group_config())
     return cfg
+
+
+# ----------------------------------------------------------------------------- table reproduction
+def reproduce_config(name: str, title: str = "", columns=(), seeds: str = "0",
+                     row_header: str = "Method", decimals: int = 2, claims: str = "",
+                     notes: str = "") -> ml_collections.ConfigDict:
+    """A table's row set for ``python -m experiments.reproduce`` (see experiments/reproduce.py):
+    ``columns`` = ((label, "file.json:key.path[*scale]"), ...); add rows with :func:`reproduce_row`
+    and evaluations with :func:`reproduce_step`. ``claims`` = "module:function" taking
+    ``{row: {column label: mean}}`` and returning ``[{'claim', 'holds', 'evidence'}]``."""
+    c = ml_collections.ConfigDict()
+    r = c.reproduce = ml_collections.ConfigDict()
+    r.name = name  # D/<name>.md, D/<name>.json
+    r.title = title
+    r.columns = tuple((str(a), str(b)) for a, b in columns)
+    r.seeds = str(seeds)  # comma-separated: "0,1,2"
+    r.row_header = row_header
+    r.decimals = int(decimals)
+    r.claims = claims
+    r.notes = notes
+    r.only = ""  # comma-separated row names: run only these
+    r.dry_run = False  # print the commands instead of running them
+    r.rows = ml_collections.ConfigDict()
+    r.steps = ml_collections.ConfigDict()
+    return c
+
+
+def reproduce_row(c, name: str, train: str, *, label: str = "", thesis=(), overrides=(),
+                  steps: str = "") -> None:
+    """Row ``name`` trained by ``train`` ("configs/x.py:arg") with ``overrides`` ("a.b=v"; ``{root}``
+    and ``{seed}`` are replaced by the table's directory and the seed), the thesis's values aligned with
+    the columns (None where the thesis has none), and the steps to run ("" = all, "none" = none)."""
+    row = ml_collections.ConfigDict()
+    row.train = train
+    row.label = label or name
+    row.thesis = tuple(float("nan") if v is None else v for v in thesis)
+    row.overrides = tuple(overrides)
+    row.steps = steps
+    c.reproduce.rows[name] = row
+
+
+def reproduce_step(c, name: str, entry: str, config: str, output: str, overrides=()) -> None:
+    """An evaluation run on every row's workdir: ``entry`` in {evaluate, certify, analyze}, its
+    config ("configs/certify/table3_6.py"), the file it writes there ("certify.json")."""
+    st = ml_collections.ConfigDict()
+    st.entry, st.config, st.output, st.overrides = entry, config, output, tuple(overrides)
+    c.reproduce.steps[name] = st

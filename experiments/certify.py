@@ -237,7 +237,7 @@ def certify_run(config, workdir):
                threat={"norm": threat.norm, "eps": float(threat.eps),
                        "box": None if threat.box is None else [float(b) for b in threat.box]},
                lin_method=config.lin_method, processes=jax.process_count(), total_s=time.time() - t)
-    write_json_atomic(out, os.path.join(workdir, name))
+    write_json_atomic(out, os.path.join(workdir, config.output or name))
     return out
 
 

@@ -1,4 +1,5 @@
-"""Evaluate the robustness of a trained run with an ensemble of attacks; writes RUN/eval.json.
+"""Evaluate the robustness of a trained run with an ensemble of attacks; writes RUN/eval.json
+(``--config.output=NAME.json`` for another name).
 
     python -m experiments.evaluate --config=configs/eval/autoattack_standard.py --workdir=runs/demo \
         [--config.threat.eps=0.2 --config.threat.norm=l2 --config.num_examples=500]
@@ -58,7 +59,9 @@ def evaluate(config, workdir):
                          f"at least one example per process.")
     batch = split.get(idx[mask])
     pid, count = jax.process_index(), jax.process_count()
-    state_path = os.path.join(workdir, "eval_state.npz" if count == 1 else f"eval_state.{pid}of{count}.npz")
+    stem = os.path.splitext(config.output)[0].replace("eval", "eval_state", 1) if \
+        config.output.startswith("eval") else "eval_state_" + os.path.splitext(config.output)[0]
+    state_path = os.path.join(workdir, f"{stem}.npz" if count == 1 else f"{stem}.{pid}of{count}.npz")
     if not config.resume and os.path.exists(state_path):
         os.remove(state_path)
     key = jax.random.PRNGKey(config.seed)  # one process: the same key as ever (reproducible numbers)
@@ -79,7 +82,7 @@ def evaluate(config, workdir):
     out.update(threat={"norm": threat.norm, "eps": float(threat.eps),
                        "box": None if threat.box is None else [float(b) for b in threat.box]},
                split=config.split, step=run_.step, attacks=list(config.attacks), processes=count)
-    write_json_atomic(out, os.path.join(workdir, "eval.json"))
+    write_json_atomic(out, os.path.join(workdir, config.output))
     if os.path.exists(state_path):
         os.remove(state_path)  # finished: nothing to resume
     return out

@@ -13,6 +13,7 @@ def base_certify_config() -> ml_collections.ConfigDict:
     c.threat = ml_collections.ConfigDict()
     c.threat.norm = ""  # "" = the training run's norm
     c.threat.eps = ml_collections.config_dict.placeholder(float)  # None = the training run's eps; >= 0
+    c.output = ""  # file written in RUN; "" = certify.json (table3_6) / certify_nonuniform.json
     c.mode = "table3_6"  # table3_6: CTE/PGD/CRE/ACB (+search, +MIP); nonuniform: Alg 3.3 vs uniform
     c.lin_method = "crown"  # the linear certifier behind CRE Lin / ACB Lin / ACB PEC
     c.extra_methods = ("crown_ibp", "ibp_linear")  # also report their CRE/ACB (one-shot)

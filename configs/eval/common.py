@@ -21,6 +21,7 @@ def base_eval_config() -> ml_collections.ConfigDict:
     c.pgd_restarts = 1
     c.n_target_classes = 9
     c.save_adversarial = False  # RUN/eval_adversarial.npz
+    c.output = "eval.json"  # file written in RUN (several evaluations of one run: distinct names)
     c.resume = True  # resume from RUN/eval_state.npz if an earlier evaluation was interrupted
     return c
 
