@@ -619,3 +619,32 @@ def test_epochs_option_scales_the_whole_protocol():
     with pytest.raises(ValueError, match="row set"):
         table3_9 = __import__("configs.table3_9", fromlist=["x"])
         table3_9.get_config("mnist5k_fc1_kw")
+
+
+def _mmr_brute_force(ctx, model, params, x, y):
+    """MMR with the full input Jacobian of every Dense/Conv output, per example (the definition)."""
+    c, norm, K = ctx.cfg.certified, ctx.threat.norm, ctx.num_classes
+    out = []
+    for x1, y1 in zip(x, y):
+        f = lambda z: jnp.concatenate(C._hidden_and_logits(model, {"params": params}, z))
+        vals, jac = f(x1), jax.jacfwd(f)(x1).reshape(-1, x1.size)
+        h, z, jh, jz = vals[:-K], vals[-K:], jac[:-K], jac[-K:]
+        qn = {"linf": lambda a: jnp.abs(a).sum(-1), "l2": lambda a: jnp.linalg.norm(a, axis=-1)}[norm]
+        db = jnp.sort(jnp.abs(h) / qn(jh))[:int(c.mmr_k_b)]
+        dd = (z[y1] - z) / jnp.maximum(qn(jz[y1] - jz), 1e-12)
+        dd = jnp.where(jnp.arange(K) == y1, jnp.inf, dd)
+        out.append(jnp.mean(jnp.maximum(0, 1 - db / c.mmr_gamma_b))
+                   + jnp.sum(jnp.maximum(0, 1 - dd / c.mmr_gamma_d)) / (K - 1))
+    return np.asarray(out)
+
+
+@pytest.mark.parametrize("net,norm", [("fc", "linf"), ("cnn_small", "l2")])
+def test_mmr_seeded_jacobians_equal_the_brute_force_definition(net, norm):
+    model = create_model(net, 10, **({"widths": (16, 12)} if net == "fc" else {}))
+    variables = init_variables(model, jax.random.PRNGKey(0), (8, 8, 1))
+    x = jax.random.uniform(jax.random.PRNGKey(1), (3, 8, 8, 1))
+    y = jnp.array([0, 3, 7])
+    ctx = _ctx(model, norm, mmr_gamma_b=0.5, mmr_gamma_d=0.5, mmr_k_b=20)
+    fast = jax.jit(lambda p: C.mmr_regularizer(ctx, p, x, y))(variables["params"])
+    np.testing.assert_allclose(np.asarray(fast), _mmr_brute_force(ctx, model, variables["params"], x, y),
+                               rtol=1e-4, atol=1e-5)

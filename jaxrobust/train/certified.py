@@ -467,15 +467,37 @@ def _per_objective(name: str):
 
 
 # ----------------------------------------------------------------------------- MMR (Croce et al.)
-def _hidden_and_logits(model, variables, x1):
-    """One example (*f): (pre-activations of every hidden Dense/Conv layer, flat; logits (K,))."""
-    logits, st = model.apply(variables, x1[None], train=False, mutable=["intermediates"],
-                             capture_intermediates=lambda m, n: isinstance(m, (nn.Dense, nn.Conv))
-                             and n == "__call__")
+def _dense_or_conv(m, name):
+    return isinstance(m, (nn.Dense, nn.Conv)) and name == "__call__"
+
+
+def _hidden_and_logits(model, variables, x1, shift=None):
+    """One example (*f): (pre-activations of every hidden Dense/Conv layer, flat; logits (K,)).
+    ``shift`` (flat, the first layer's size) is added to the first Dense/Conv output (the point
+    where :func:`mmr_regularizer` seeds its forward-mode Jacobian)."""
+    seen = []
+
+    def add_shift(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if shift is not None and not seen and _dense_or_conv(context.module, context.method_name):
+            seen.append(True)
+            out = out + shift.reshape(out.shape).astype(out.dtype)
+        return out
+
+    with nn.intercept_methods(add_shift):
+        logits, st = model.apply(variables, x1[None], train=False, mutable=["intermediates"],
+                                 capture_intermediates=_dense_or_conv)
     outs = [v["__call__"][0] for v in st["intermediates"].values()]
     hidden = [o.reshape(-1) for o in outs[:-1]]  # the last layer's output is the logits
     h = jnp.concatenate(hidden) if hidden else jnp.zeros((0,), logits.dtype)
     return h, logits[0]
+
+
+def _first_layer(model, variables, x1):
+    """The first Dense/Conv layer's output for one example, flat."""
+    _, st = model.apply(variables, x1[None], train=False, mutable=["intermediates"],
+                        capture_intermediates=_dense_or_conv)
+    return next(iter(st["intermediates"].values()))["__call__"][0].reshape(-1)
 
 
 def mmr_regularizer(ctx, params, x, y):
@@ -483,20 +505,39 @@ def mmr_regularizer(ctx, params, x, y):
     the k_B closest hyperplanes bounding its linear region (h_j(x) = 0 for each hidden pre-activation
     h_j, |h_j| / ||∇h_j||_q) and d_D the signed distances to the K-1 linearised decision hyperplanes
     ((z_y - z_i) / ||∇(z_y - z_i)||_q),
-    MMR = (1/k_B) Σ max(0, 1 - d_B/γ_B) + (1/(K-1)) Σ max(0, 1 - d_D/γ_D). (B,)."""
+    MMR = (1/k_B) Σ max(0, 1 - d_B/γ_B) + (1/(K-1)) Σ max(0, 1 - d_D/γ_D). (B,).
+
+    The input Jacobians are exact and cheap: the first Dense/Conv layer h_1 = A x + a is affine in x
+    (only the model's normalisation comes before it), so its Jacobian J_1 (n_1, D) is computed once
+    for the batch; deeper hidden rows are (∂h_l/∂h_1) J_1 (forward mode seeded at h_1 with the D
+    columns of J_1, one linearisation per example) and the K logit rows come from reverse mode (K
+    backward passes). On FC1 (784-1024-10, 20 examples) the gradient of MMR costs ~15x less CPU
+    than differentiating the full per-example Jacobian (jacfwd over every Dense output)."""
     c = ctx.cfg.certified
     model = _float32_model(ctx.model)
     variables = {"params": params}
     norm = ctx.threat.norm
+    K = ctx.num_classes
+    x = _f32(x)
+    first = lambda x1: _first_layer(model, variables, x1)
+    j1 = jax.jacfwd(first)(x[0])
+    j1 = j1.reshape(j1.shape[0], -1)  # (n_1, D), the same at every x
+    n1 = j1.shape[0]
+    q1 = safe_dual_norm(j1[None], norm)[0]  # (n_1,)
+    logits = lambda x1: model.apply(variables, x1[None], train=False)[0]
 
     def one(x1, y1):
-        f = lambda z: jnp.concatenate(_hidden_and_logits(model, variables, z))
-        vals = f(x1)
-        jac = jax.jacfwd(f)(x1).reshape(vals.shape[0], -1)
-        K = ctx.num_classes
-        h, z = vals[:-K], vals[-K:]
-        jh, jz = jac[:-K], jac[-K:]
-        dh = jnp.abs(h) / jnp.maximum(safe_dual_norm(jh[None], norm)[0], 1e-12)
+        deeper = lambda shift: _hidden_and_logits(model, variables, x1, shift)[0][n1:]
+        n_deep = jax.eval_shape(deeper, jax.ShapeDtypeStruct((n1,), x.dtype)).shape[0]
+        h, qh = first(x1), q1
+        if n_deep:
+            vals, push = jax.linearize(deeper, jnp.zeros((n1,), x.dtype))
+            jac = jax.vmap(push, in_axes=1, out_axes=1)(j1)  # (n_deep, D)
+            h = jnp.concatenate([h, vals])
+            qh = jnp.concatenate([q1, safe_dual_norm(jac[None], norm)[0]])
+        z = logits(x1)
+        jz = jax.jacrev(logits)(x1).reshape(K, -1)
+        dh = jnp.abs(h) / jnp.maximum(qh, 1e-12)
         kb = min(int(c.mmr_k_b), h.shape[0])
         db = -jax.lax.top_k(-dh, kb)[0]
         gm = jz[y1][None] - jz
@@ -506,7 +547,7 @@ def mmr_regularizer(ctx, params, x, y):
         rd = jnp.sum(jnp.maximum(0.0, 1.0 - dd / float(c.mmr_gamma_d))) / (K - 1)
         return rb + rd
 
-    return jax.vmap(one)(_f32(x), y)
+    return jax.vmap(one)(x, y)
 
 
 def _check_mmr(ctx, model_state):
