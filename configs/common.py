@@ -207,14 +207,15 @@ def reproduce_config(name: str, title: str = "", columns=(), seeds: str = "0",
                      row_header: str = "Method", decimals: int = 2, claims: str = "",
                      notes: str = "") -> ml_collections.ConfigDict:
     """A table's row set for ``python -m experiments.reproduce`` (see experiments/reproduce.py):
-    ``columns`` = ((label, "file.json:key.path[*scale]"), ...); add rows with :func:`reproduce_row`
+    ``columns`` = ((label, "file.json:key.path[*scale]"[, decimals]), ...); add rows with :func:`reproduce_row`
     and evaluations with :func:`reproduce_step`. ``claims`` = "module:function" taking
     ``{row: {column label: mean}}`` and returning ``[{'claim', 'holds', 'evidence'}]``."""
     c = ml_collections.ConfigDict()
     r = c.reproduce = ml_collections.ConfigDict()
     r.name = name  # D/<name>.md, D/<name>.json
     r.title = title
-    r.columns = tuple((str(a), str(b)) for a, b in columns)
+    # (label, source) or (label, source, decimals); decimals default to `decimals`
+    r.columns = tuple((str(col[0]), str(col[1])) + tuple(int(d) for d in col[2:3]) for col in columns)
     r.seeds = str(seeds)  # comma-separated: "0,1,2"
     r.row_header = row_header
     r.decimals = int(decimals)
