@@ -225,8 +225,8 @@ iper_at 26.66 43.35 57.72 100.00 47.87 0.0033 0.0000 0.0040""",
 }
 COLUMNS = (("CTE (%)", "certify.json:CTE"), ("PGD (%)", "certify.json:PGD"),
            ("CRE Lin (%)", "certify.json:CRE Lin"), ("CRE IBP (%)", "certify.json:CRE IBP"),
-           ("CRE MIP (%)", "certify.json:CRE MIP"), ("100·ACB Lin", "certify.json:ACB Lin*100"),
-           ("100·ACB IBP", "certify.json:ACB IBP*100"), ("100·ACB PEC", "certify.json:ACB PEC*100"))
+           ("CRE MIP (%)", "certify.json:CRE MIP"), ("ACB Lin", "certify.json:ACB Lin", 4),
+           ("ACB IBP", "certify.json:ACB IBP", 4), ("ACB PEC", "certify.json:ACB PEC", 4))
 # Table 3.9's search interval [0, ε̄] and the binary search's number of bound computations T_Lin
 # (the precision ε_Δ = ε̄ / 2^T_Lin): (kind, norm) -> (ε̄, T_Lin).
 SEARCH = {("mnist", "linf"): (0.4, 12), ("mnist", "l2"): (1.2, 14), ("cifar10", "linf"): (0.1, 10),
@@ -245,13 +245,13 @@ def parse_thesis(text: str, columns: int):
 
 
 def thesis_row(table: str, kind: str, net: str, norm: str, method: str, labels):
-    """The thesis's values of one row aligned with ``labels`` (ACB columns x100 like ours), or ()."""
+    """The thesis's values of one row aligned with ``labels``, or ()."""
     import importlib
     text = importlib.import_module(f"configs.{table}").THESIS.get((kind, net, norm))
     rows = parse_thesis(text, len(labels)) if text else {}
     if method not in rows:
         return ()
-    return tuple(round(v * 100, 6) if lab.startswith("100·") else v for v, lab in zip(rows[method], labels))
+    return rows[method]
 
 
 def certify_overrides(kind: str, norm: str, *, lin_method: str = "fastlin", mip: bool = False,
@@ -282,7 +282,7 @@ def row_set(table: str, dataset: str, net: str, norm: str, opts, *, methods=None
     if methods is None:
         methods = METHODS if not dataset.startswith("fashion") else (
             "at", "kw", "ibp", "crown_ibp", "lper_at", "iper_at")
-    labels = [lab for lab, _ in columns]
+    labels = [col[0] for col in columns]
     mip = norm == "linf" and any(lab.startswith("CRE MIP") for lab in labels)
     title = {"table3_6": "Table 3.6", "table3_7": "Table 3.7", "table3_8": "Table 3.8"}[table]
     thesis_data = "MNIST" if kind == "mnist" else "CIFAR-10"
@@ -290,7 +290,7 @@ def row_set(table: str, dataset: str, net: str, norm: str, opts, *, methods=None
              + (" (thesis: 100)" if epochs != 100 else "") + f"; thesis numbers: {thesis_data}"
              + (" with 60,000 training images (ours: 4,000)" if dataset == "mnist5k" else "")
              + ". CRE/ACB 'Lin' = " + {"fastlin": "Fast-Lin/KW", "crown": "CROWN"}[lin_method]
-             + "; ACB columns x100." + (" CRE MIP on the first 200 test points (HiGHS, 20 s per point; "
+             + "." + (" CRE MIP on the first 200 test points (HiGHS, 20 s per point; "
                                        "plain/AT not run)." if mip else ""))
     c = reproduce_config(f"{table}_{dataset}_{net}_{norm}{'_smoke' if smoke else ''}",
                          f"{title}: {dataset} {net}, {norm}", columns=columns,
@@ -313,19 +313,21 @@ def row_set(table: str, dataset: str, net: str, norm: str, opts, *, methods=None
 
 
 # ----------------------------------------------------------------------------- claims
-def _min(means, rows, col):
+def _best(means, rows, col, higher: bool):
     vals = [(means[r][col], r) for r in rows if r in means and means[r].get(col) is not None]
-    return min(vals) if vals else (None, None)
+    return (max(vals) if higher else min(vals)) if vals else (None, None)
 
 
-def claim_best(means, col, claim, ours=PER_METHODS, others=PROVABLE_BASELINES):
-    """``claim``: the best (lowest) ``col`` among ``ours`` beats every one of ``others``."""
-    a, ra = _min(means, ours, col)
-    b, rb = _min(means, others, col)
+def claim_best(means, col, claim, ours=PER_METHODS, others=PROVABLE_BASELINES, decimals=2,
+               higher: bool = False):
+    """``claim``: the best ``col`` among ``ours`` (lowest; ``higher``: highest) beats every one of
+    ``others``."""
+    a, ra = _best(means, ours, col, higher)
+    b, rb = _best(means, others, col, higher)
     if a is None or b is None:
         return {"claim": claim, "holds": None, "evidence": f"{col} missing"}
-    return {"claim": claim, "holds": bool(a < b),
-            "evidence": f"best PER {LABELS[ra]} {a:.2f} vs best other {LABELS[rb]} {b:.2f}"}
+    return {"claim": claim, "holds": bool(a > b if higher else a < b),
+            "evidence": f"best PER {LABELS[ra]} {a:.{decimals}f} vs best other {LABELS[rb]} {b:.{decimals}f}"}
 
 
 def claim_per_at_cleaner_than_kw(means):
@@ -369,7 +371,7 @@ def claim_iper_on_par(means, col):
                                   for (i, l), (a, b, _) in zip(pairs, diffs)) + " (tolerance max(3, 15%))"}
 
 
-def claim_pec_at_least_lin(means, lin="100·ACB Lin", pec="100·ACB PEC"):
+def claim_pec_at_least_lin(means, lin="ACB Lin", pec="ACB PEC"):
     claim = "PEC's average certified bound >= the one-shot linear certifier's (§3.3.2)"
     rows = [r for r in means if means[r].get(lin) is not None and means[r].get(pec) is not None]
     if not rows:
@@ -378,7 +380,7 @@ def claim_pec_at_least_lin(means, lin="100·ACB Lin", pec="100·ACB PEC"):
     gain = max(rows, key=lambda r: means[r][pec] - means[r][lin])
     return {"claim": claim, "holds": not bad,
             "evidence": (f"violated by {[LABELS[r] for r in bad]}" if bad else f"all {len(rows)} rows")
-            + f"; largest gain {LABELS[gain]} {means[gain][lin]:.2f} -> {means[gain][pec]:.2f}"}
+            + f"; largest gain {LABELS[gain]} {means[gain][lin]:.4f} -> {means[gain][pec]:.4f}"}
 
 
 def claims(means):

@@ -53,8 +53,8 @@ iper_at 24.85 31.32 47.28 100.00 0.0528 0.0000 0.0572""",
 }
 COLUMNS = (("CTE (%)", "certify.json:CTE"), ("PGD (%)", "certify.json:PGD"),
            ("CRE Lin (%)", "certify.json:CRE Lin"), ("CRE IBP (%)", "certify.json:CRE IBP"),
-           ("100·ACB Lin", "certify.json:ACB Lin*100"), ("100·ACB IBP", "certify.json:ACB IBP*100"),
-           ("100·ACB PEC", "certify.json:ACB PEC*100"))
+           ("ACB Lin", "certify.json:ACB Lin", 4), ("ACB IBP", "certify.json:ACB IBP", 4),
+           ("ACB PEC", "certify.json:ACB PEC", 4))
 
 
 def claims(means):
