@@ -9,6 +9,7 @@ import warnings
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -366,25 +367,99 @@ def test_fgsm_ga_loss_adds_lambda_times_regulariser():
     np.testing.assert_allclose(loss, mt["ce"] + 0.5 * mt["grad_align"], rtol=1e-6)
 
 
-def test_yopo_adjoint_is_first_layer_output_gradient():
-    setup, state = _setup(cache_config(**{"objective.name": "yopo", "data.augment": "none"}))
-    b = _batch(setup, 8)
+def test_yopo_gradients_equal_a_hand_computation():
+    """YOPO-2-2 on fc-32 (digits): the gradient the objective hands to the loop equals Zhang et al.'s
+    Alg. 1 written out in numpy: every layer but the first from the full passes at η^{j,0}; the first
+    layer from the Hamiltonian ⟨p_j, f₀(x + η^{j,n})⟩ at the end of the inner steps (x'ᵀp_j, Σp_j);
+    the inner steps η ← Π(η + σ·sign(p_j W₀ᵀ)); both averaged over j (digits: identity
+    normalisation, so f₀(x) = x W₀ + b₀)."""
+    m, n, sigma = 2, 2, 0.3
+    c = cache_config(**{"objective.name": "yopo", "data.augment": "none"})
+    c.objective.fast.yopo_m, c.objective.fast.yopo_n, c.objective.fast.yopo_step = m, n, sigma
+    setup, state = _setup(c)
+    b = _batch(setup, 16)
+    key = jax.random.PRNGKey(0)
     v = {"params": state.params, **state.model_state}
+    assert fast_at.first_layer_path(setup.model, v, b["image"]) == ("Dense_0",)
     z = fast_at.first_layer_output(setup.model, v, b["image"])
-    k = state.params["Dense_0"]
-    np.testing.assert_allclose(z, b["image"].reshape(8, -1) @ k["kernel"] + k["bias"], atol=1e-5)
-    # the adjoint probe: ∂L/∂ξ at ξ = 0 is ∂L/∂z₁ computed by hand from z₁
-    y, mask = b["label"], b["mask"]
-    adj = jax.grad(lambda xi: fast_at.probed_loss(setup.model, state.params, state.model_state,
-                                                  b["image"], y, mask, xi)[0])(jnp.zeros_like(z))
-    k1 = state.params["Dense_1"]
-    by_hand = jax.grad(lambda zz: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-        jax.nn.relu(zz) @ k1["kernel"] + k1["bias"], y)))(z)
-    np.testing.assert_allclose(adj, by_hand, atol=1e-6)
-    assert float(jnp.abs(adj).max()) > 0
-    loss, out = fast_at.yopo_loss(setup.ctx, state.params, state.model_state, state.extra, b,
-                                  jax.random.PRNGKey(0), 0)
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), state.params)
+    W0, b0, W1, b1 = p["Dense_0"]["kernel"], p["Dense_0"]["bias"], p["Dense_1"]["kernel"], p["Dense_1"]["bias"]
+    x = np.asarray(b["image"], np.float64).reshape(16, -1)
+    np.testing.assert_allclose(z, x @ W0 + b0, atol=1e-5)
+    onehot = np.eye(10)[np.asarray(b["label"])]
+
+    def full_pass(xin):  # mean CE of relu(xin W0 + b0) W1 + b1: gradients by hand
+        zz = xin @ W0 + b0
+        h = np.maximum(zz, 0)
+        logits = h @ W1 + b1
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        dlogits = (e / e.sum(1, keepdims=True) - onehot) / 16
+        adj = (dlogits @ W1.T) * (zz > 0)
+        return h.T @ dlogits, dlogits.sum(0), adj
+
+    loss_fn = jax.jit(lambda prm: fast_at.yopo_loss(setup.ctx, prm, state.model_state, state.extra,
+                                                    b, key, 0))
+    grads = jax.jit(jax.grad(lambda prm: loss_fn(prm)[0]))(state.params)
+    eta = np.asarray(setup.ctx.threat.random_init(key, b["image"]), np.float64).reshape(16, -1) - x
+    want = {k: np.zeros_like(w) for k, w in (("W0", W0), ("b0", b0), ("W1", W1), ("b1", b1))}
+    first_at_start = np.zeros_like(W0)
+    for _ in range(m):
+        gW1, gb1, adj = full_pass(x + eta)
+        first_at_start += (x + eta).T @ adj / m  # what the full pass alone would give θ₀
+        for _ in range(n):
+            eta = np.clip(np.clip(eta + sigma * EPS * np.sign(adj @ W0.T), -EPS, EPS) + x, 0, 1) - x
+        want["W0"] += (x + eta).T @ adj / m
+        want["b0"] += adj.sum(0) / m
+        want["W1"] += gW1 / m
+        want["b1"] += gb1 / m
+    got = {"W0": grads["Dense_0"]["kernel"], "b0": grads["Dense_0"]["bias"],
+           "W1": grads["Dense_1"]["kernel"], "b1": grads["Dense_1"]["bias"]}
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-7, err_msg=k)
+    # the first-layer term is not the full pass's gradient (the inner steps moved η)
+    assert np.abs(first_at_start - want["W0"]).max() > 0.05 * np.abs(want["W0"]).max()
+    loss, out = loss_fn(state.params)
+    assert float(out.metrics["delta_linf"]) == pytest.approx(EPS, rel=1e-5)  # 2x2 steps of 0.3ε
     assert np.isfinite(float(loss)) and float(out.metrics["eps"]) == pytest.approx(EPS)
+
+
+def test_yopo_adjoint_probe_and_first_layer_of_a_conv_stem():
+    """The adjoint probe ∂L/∂ξ equals ∂L/∂z₁ computed from z₁; on a conv net (cnn_small) the first
+    layer is the first Conv, the Hamiltonian gradient vanishes on every other layer and equals the
+    vjp of the conv w.r.t. its kernel."""
+    c = cache_config(**{"objective.name": "yopo", "data.augment": "none", "model.name": "cnn_small",
+                        "data.name": "mnist5k", "data.batch_size": 32})
+    c.model.kwargs = ml_collections.ConfigDict()
+    setup, state = _setup(c)
+    b = _batch(setup, 4)
+    v = {"params": state.params, **state.model_state}
+    x, y, mask = b["image"], b["label"], b["mask"]
+    assert fast_at.first_layer_path(setup.model, v, x) == ("Conv_0",)
+    z = fast_at.first_layer_output(setup.model, v, x)
+    adj = jax.grad(lambda xi: fast_at.probed_loss(setup.model, state.params, state.model_state,
+                                                  x, y, mask, xi)[0])(jnp.zeros_like(z))
+    k1 = state.params
+    xn = (x - jnp.asarray(setup.model.mean)) / jnp.asarray(setup.model.std)
+    conv = lambda h, kern, s: jax.lax.conv_general_dilated(  # noqa: E731
+        h, kern, (s, s), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    np.testing.assert_allclose(z, conv(xn, k1["Conv_0"]["kernel"], 2) + k1["Conv_0"]["bias"], atol=1e-5)
+    def tail(zz):  # the network after its first conv, written out
+        h = jax.nn.relu(zz)
+        h = jax.nn.relu(conv(h, k1["Conv_1"]["kernel"], 2) + k1["Conv_1"]["bias"])
+        h = jax.nn.relu(h.reshape(4, -1) @ k1["Dense_0"]["kernel"] + k1["Dense_0"]["bias"])
+        return h @ k1["Dense_1"]["kernel"] + k1["Dense_1"]["bias"]
+    np.testing.assert_allclose(tail(z), setup.model.apply(v, x), atol=1e-5)
+    by_hand = jax.grad(lambda zz: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        tail(zz), y)))(z)
+    np.testing.assert_allclose(adj, by_hand, atol=1e-6)
+    g = fast_at.yopo_hamiltonian_grad(setup.model, state.params, state.model_state, x, adj)
+    assert all(float(jnp.abs(l).max()) == 0 for k, sub in g.items() if k != "Conv_0"
+               for l in jax.tree.leaves(sub))
+    # ∇_K ⟨p, conv(x_n, K)⟩ through lax's own convolution (not the model)
+    conv0 = lambda kern: jnp.sum(adj * conv(xn, kern, 2))  # noqa: E731
+    np.testing.assert_allclose(g["Conv_0"]["kernel"], jax.grad(conv0)(k1["Conv_0"]["kernel"]),
+                               rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(g["Conv_0"]["bias"], jnp.sum(adj, (0, 1, 2)), rtol=1e-5, atol=1e-8)
 
 
 # ----------------------------------------------------------------------------- the monitor
@@ -423,6 +498,7 @@ def test_monitor_detects_constructed_collapse(tmp_path):
     assert lines[-1]["collapse_drop"] == 1 and lines[-1]["fgsm_pgd_gap"] == pytest.approx(0.8)
     rec = json.load(open(tmp_path / "co_monitor.json"))
     assert rec["best"]["step"] == 3 and rec["collapses"][0]["pgd_accuracy"] == 0.10
+    assert rec["num_collapses"] == 1 and rec["first_collapse_step"] == 5
     from jaxrobust.train.checkpoint import Checkpointer
     mon.close()
     ck = Checkpointer(str(tmp_path / "best_pgd"))
@@ -517,10 +593,56 @@ def test_table5_11_configs():
     for name in table5_11.METHODS:
         cfg = table5_11.get_config(f"mnist5k_cnn_{name},smoke")
         assert cfg.objective.name in fast_at.FAST_AT_OBJECTIVES and cfg.train.num_steps > 0
+    # options: a shortened protocol keeps Free's and YOPO's ratio of passes; ε moves PGD-10's step
+    short = {m: table5_11.get_config(f"fashion_mnist_cnn_{m},epochs=4") for m in ("atas", "free", "yopo")}
+    assert short["atas"].train.num_epochs == 4
+    assert short["free"].train.num_epochs == pytest.approx(40 / 8 * 4 / 20)
+    assert short["yopo"].train.num_epochs == pytest.approx(8 * 4 / 20)
+    p = table5_11.get_config("mnist5k_cnn_pgd10,eps=0.2")
+    assert p.threat.eps == 0.2 and p.objective.attack.step_size == pytest.approx(0.05)
+    for bad, msg in (("mnist5k_cnn_atas,eps=-1", "must be > 0"), ("mnist5k_cnn_atas,eps=x", "needs a number"),
+                     ("mnist5k_cnn_atas,fast", "Unknown config variant")):
+        with pytest.raises(ValueError, match=msg):
+            table5_11.get_config(bad)
     with pytest.raises(ValueError, match="expected <dataset>_<net>_<method>"):
         table5_11.get_config("cifar10_rn18")
     with pytest.raises(ValueError, match="Unknown method"):
         table5_11.get_config("cifar10_rn18_sgd")
+
+
+def test_table5_11_row_sets_and_claims():
+    from experiments.reproduce import validate
+    for name in table5_11.ROW_SETS:
+        for arg in (name, name + ",smoke"):
+            r = table5_11.get_config(arg).reproduce
+            validate(r)  # every row's config file exists, steps and columns are well formed
+            for row in r.rows.values():  # and every row's training config builds
+                path, _, run_arg = row.train.partition(":")
+                assert path == "configs/table5_11.py"
+                table5_11.get_config(run_arg)
+    main = table5_11.get_config("mnist5k_cnn").reproduce
+    assert sorted(main.rows) == sorted(table5_11.METHODS)
+    assert main.rows.atas.thesis[:4] == (81.22, 50.03, 48.18, 45.38)
+    assert dict(main.steps.aa.items())["overrides"] == ("output=eval_aa.json", "num_examples=500")
+    co = table5_11.get_config("mnist5k_cnn_co").reproduce
+    assert "fgsm_rs_eps0p4" in co.rows and co.rows.fgsm_rs_eps0p4.train.endswith(",eps=0.4")
+    # claims on constructed means: ATAS best and not collapsed where FGSM-RS collapsed
+    row = lambda aa, t, co: {"AA": aa, "PGD50": aa, "Time (min)": t, "CO checks": co}  # noqa: E731
+    means = {"atas": row(30, 10, 0), "fgsm_rs": row(1, 9, 4), "atta": row(25, 10, 0),
+             "free": row(20, 9, 0), "yopo": row(18, 8, 0), "fgsm_ga": row(28, 20, 0),
+             "pgd10": row(31, 40, 0)}
+    got = {c["claim"]: c["holds"] for c in table5_11.claims(means)}
+    assert len(got) == 6 and all(got.values()), got
+    means["atas"] = row(20, 20, 2)
+    got = {c["claim"]: c["holds"] for c in table5_11.claims(means) if "ATAS" in c["claim"]}
+    assert len(got) == 5 and not any(got.values()), got
+    means["fgsm_rs"]["CO checks"] = 0  # nothing collapsed: the CO claim is not tested (n/a)
+    assert [c["holds"] for c in table5_11.claims(means) if "overfitting" in c["claim"]] == [None]
+    sweep = {"fgsm_rs_eps0p1": {"CO checks": 0, "PGD10": 80}, "atas_eps0p1": {"CO checks": 0, "PGD10": 81},
+             "fgsm_rs_eps0p3": {"CO checks": 3, "PGD10": 2}, "atas_eps0p3": {"CO checks": 0, "PGD10": 30}}
+    assert [c["holds"] for c in table5_11.claims_co(sweep)] == [True, True, True]
+    sweep["atas_eps0p3"] = {"CO checks": 1, "PGD10": 1}
+    assert [c["holds"] for c in table5_11.claims_co(sweep)] == [True, False, False]
 
 
 @pytest.mark.slow

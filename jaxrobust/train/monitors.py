@@ -11,7 +11,7 @@ than ``gap`` (``collapse_gap``: a run that overfits before its PGD accuracy ever
 ε = 0.3 on MNIST does from the first epoch). Each check is written to ``metrics.jsonl`` (split
 ``'monitor'``: clean/fgsm/pgd accuracy, ``fgsm_pgd_gap``, ``collapse`` 0/1 and its reasons); a
 collapse also raises a :class:`CatastrophicOverfittingWarning` and is kept in
-``WORKDIR/co_monitor.json``. With ``keep_best`` the state of the best PGD accuracy is checkpointed in
+``WORKDIR/co_monitor.json`` (with ``num_collapses`` and ``first_collapse_step``). With ``keep_best`` the state of the best PGD accuracy is checkpointed in
 ``WORKDIR/best_pgd`` (the last good weights before a collapse; load it with
 ``Checkpointer(os.path.join(workdir, 'best_pgd')).restore(...)`` or
 ``load_trained(os.path.join(workdir, 'best_pgd'))`` after copying config.json). ``stop_on_collapse``
@@ -108,8 +108,9 @@ class CatastrophicOverfittingMonitor:
             return
         tmp = p + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"best": self.best, "collapses": self.collapses, "history": self.history}, f,
-                      indent=2)
+            json.dump({"best": self.best, "num_collapses": len(self.collapses),
+                       "first_collapse_step": self.collapses[0]["step"] if self.collapses else None,
+                       "collapses": self.collapses, "history": self.history}, f, indent=2)
         os.replace(tmp, p)
 
     def _save_best(self, step, state):
