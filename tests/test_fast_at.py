@@ -498,7 +498,12 @@ def test_monitor_detects_constructed_collapse(tmp_path):
     assert lines[-1]["collapse_drop"] == 1 and lines[-1]["fgsm_pgd_gap"] == pytest.approx(0.8)
     rec = json.load(open(tmp_path / "co_monitor.json"))
     assert rec["best"]["step"] == 3 and rec["collapses"][0]["pgd_accuracy"] == 0.10
-    assert rec["num_collapses"] == 1 and rec["first_collapse_step"] == 5
+    assert rec["num_collapses"] == 1 and rec["first_collapse_step"] == 5 and rec["seconds"] > 0
+    # a resumed run's monitor continues from the record (best, collapses, time spent)
+    again = CatastrophicOverfittingMonitor(model, _threat(), x, np.zeros(8, np.int32), every_steps=1,
+                                           workdir=str(tmp_path))
+    assert again.best["step"] == 3 and len(again.collapses) == 1 and again.seconds == rec["seconds"]
+    again.close()
     from jaxrobust.train.checkpoint import Checkpointer
     mon.close()
     ck = Checkpointer(str(tmp_path / "best_pgd"))
