@@ -70,7 +70,7 @@ def step_time(method: str, batch: int, iters: int, n_train: int = N_TRAIN):
     objective = dataclasses.replace(objective, replays=int(m))
     total = int(protocol_steps(c, spe))
     tx, lr = make_optimizer(c.optimizer, c.schedule, total * m, spe * m)
-    ctx = jobj.ObjectiveContext(model, ThreatModel("linf", EPS, (0.0, 1.0)),
+    ctx = jobj.ObjectiveContext(model, ThreatModel("linf", EPS, box=(0.0, 1.0)),
                                 build_schedules(c, total, spe, objective), c.objective, 10,
                                 n_train, spe)
     mesh = make_mesh()

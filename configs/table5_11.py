@@ -132,6 +132,8 @@ def get_config(arg: str = "cifar10_rn18_atas"):
     c.eval.num_examples = 1000
     c.train.monitor.enabled = True
     c.train.monitor.num_examples = 512
+    if ds == "imagenet":  # ImageNet's held-out split is 'validation'
+        c.eval.splits, c.train.monitor.split = ("validation",), "validation"
 
     obj = METHODS[method]
     c.objective.name = obj

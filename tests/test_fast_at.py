@@ -675,6 +675,7 @@ def test_table5_11_configs():
     im = table5_11.get_config("imagenet_rn50_atas")
     assert im.threat.eps == pytest.approx(2 / 255) and im.objective.fast.atas_c == 0.1
     assert im.objective.fast.cache_resolution == 32 and im.train.num_epochs == 90
+    assert im.eval.splits == ("validation",) and im.train.monitor.split == "validation"
     assert (im.objective.fast.atas_alpha * im.threat.eps, im.objective.fast.atas_max_step
             * im.threat.eps) == pytest.approx((16 / 255, 8 / 255))
     assert c.model.name == "preact_resnet18"
@@ -749,12 +750,19 @@ def test_table5_11_smoke_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_table5_11_cifar10_smoke_on_mock_data(tmp_path):
+def test_table5_11_cifar10_and_imagenet_smoke_on_mock_data(tmp_path, capsys):
     import tensorflow_datasets as tfds
-    for method in ("atas", "yopo"):  # the cache on crop/flip; the adjoint probe on a conv stem
+    # the cache on crop/flip; the adjoint probe on a conv stem; ImageNet's 32x32 bf16 cache of 224x224
+    for arg in ("cifar10_rn18_atas", "cifar10_rn18_yopo", "imagenet_rn50_atas"):
         with tfds.testing.mock_data(num_examples=32):
-            s = train(table5_11.get_config(f"cifar10_rn18_{method},smoke"), str(tmp_path / method))
-        assert s["steps"] == 4 and 0.0 <= s["eval"]["test"]["pgd_accuracy"] <= 1.0
+            s = train(table5_11.get_config(f"{arg},smoke"), str(tmp_path / arg))
+        held_out = "test" if "cifar" in arg else "validation"
+        assert s["steps"] == 4 and 0.0 <= s["eval"][held_out]["pgd_accuracy"] <= 1.0
+    printed = capsys.readouterr().out
+    assert "[atas] perturbation cache: 32 x 32x32x3 bfloat16 + v" in printed
+    inst = load_trained(str(tmp_path / "imagenet_rn50_atas")).extra["instance"]
+    assert inst["delta"].shape[1:] == (32, 32, 3) and inst["delta"].dtype == jnp.bfloat16
+    assert float(jnp.abs(inst["delta"].astype(jnp.float32)).max()) <= 2 / 255 * (1 + 2 ** -7)
 
 
 @pytest.mark.slow
