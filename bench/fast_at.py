@@ -30,9 +30,9 @@ from configs.common import with_defaults
 from jaxrobust import models as jmodels
 from jaxrobust.threat import ThreatModel
 from jaxrobust.train import fast_at, objectives as jobj
-from jaxrobust.train.loop import (build_schedules, create_train_state, make_mesh, make_update_fn,
-                                  state_shardings)
+from jaxrobust.train.loop import build_schedules, make_mesh, make_update_fn, state_shardings
 from jaxrobust.train.optim import make_optimizer
+from jaxrobust.train.state import TrainState
 
 METHODS = ("pgd10", "fgsm_rs", "atta", "atas", "nfgsm", "fgsm_ga", "free", "yopo")
 EPS = 8 / 255
@@ -49,9 +49,9 @@ PASSES = {"pgd10": 11, "fgsm_rs": 2, "atta": 2, "atas": 2, "nfgsm": 2, "fgsm_ga"
 
 
 def method_config(method: str, batch: int):
-    """The Table 5.11 CIFAR-10 config of ``method`` on a ResNet-18 of width :data:`WIDTH`."""
+    """The Table 5.11 CIFAR-10 config of ``method`` (its objective, optimizer and schedule) at
+    ``batch``; the net is :func:`init_variables`'s ResNet-18 of width :data:`WIDTH`."""
     c = with_defaults(table5_11.get_config(f"cifar10_rn18_{method}"))
-    c.model.name, c.model.kwargs = "resnet18", type(c.model.kwargs)({"w": WIDTH})
     c.data.batch_size = batch
     return c
 
@@ -60,10 +60,19 @@ def protocol_steps(c, steps_per_epoch: int) -> float:
     return float(c.train.num_epochs) * steps_per_epoch
 
 
-def step_time(method: str, batch: int, iters: int, n_train: int = N_TRAIN):
-    """(seconds per training step, protocol steps, cache bytes) of ``method``, loop's update."""
+def init_variables(batch: int):
+    """The ResNet's initial (params, model_state), compiled once and shared by every method (jitting
+    flax's initialisers is the slowest compilation of this benchmark on a loaded CPU)."""
+    model = jmodels.create_model("resnet18", 10, w=WIDTH)
+    v = jax.jit(lambda k: model.init(k, jnp.zeros((1,) + SHAPE), train=False))(jax.random.PRNGKey(0))
+    return model, v["params"], {k: x for k, x in v.items() if k != "params"}
+
+
+def step_time(method: str, batch: int, iters: int, variables, n_train: int = N_TRAIN):
+    """(seconds per training step, protocol steps, cache bytes) of ``method`` through the loop's
+    update step (``make_update_fn``), jitted and donated as in :func:`jaxrobust.train.train`."""
+    model, params, model_state = variables
     c = method_config(method, batch)
-    model = jmodels.create_model(c.model.name, 10, **dict(c.model.kwargs))
     spe = n_train // batch
     objective = jobj.get_objective(c.objective.name)
     m = objective.replays(c.objective) if callable(objective.replays) else objective.replays
@@ -73,9 +82,13 @@ def step_time(method: str, batch: int, iters: int, n_train: int = N_TRAIN):
     ctx = jobj.ObjectiveContext(model, ThreatModel("linf", EPS, box=(0.0, 1.0)),
                                 build_schedules(c, total, spe, objective), c.objective, 10,
                                 n_train, spe)
+    extra = objective.init_extra(ctx, params, n_train, SHAPE)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                       opt_state=jax.jit(tx.init)(params), key=jax.random.PRNGKey(1), extra=extra,
+                       nonfinite_step=jnp.full((), -1, jnp.int32), tx=tx)
     mesh = make_mesh()
-    state = create_train_state(model, SHAPE, tx, objective, ctx, seed=0, n_train=n_train, mesh=mesh)
     shardings = state_shardings(state, mesh)
+    state = jax.device_put(jax.tree.map(jnp.copy, state), shardings)  # donated: a private copy
     dat, rep = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     update = jax.jit(make_update_fn(ctx, objective, lr, "crop_flip"),
                      in_shardings=(shardings, dat), out_shardings=(shardings, rep),
@@ -180,8 +193,9 @@ def main(argv):
     n_train = 4096 if quick else N_TRAIN
     methods = METHODS if not quick else ("pgd10", "fgsm_rs", "atas")
     times, results = {}, {}
+    variables = init_variables(batch)
     for method in methods:
-        t, steps, cache = step_time(method, batch, iters, n_train)
+        t, steps, cache = step_time(method, batch, iters, variables, n_train)
         times[method] = (t, steps)
         results[method] = {"seconds_per_step": t, "protocol_steps": steps,
                            "passes_per_batch": PASSES[method], "cache_MiB": round(cache / 2 ** 20, 1)}
