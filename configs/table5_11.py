@@ -33,7 +33,7 @@ budget (every step size follows ε).
 
 Row sets for ``python -m experiments.reproduce --config=configs/table5_11.py:<set> --workdir=D``
 (:data:`ROW_SETS`): ``mnist5k_cnn`` (all methods, ε = 0.3, 20 epochs), ``fashion_mnist_cnn`` (all
-methods, ε = 0.1, 4 epochs), and the ε sweeps ``mnist5k_cnn_co`` / ``fashion_mnist_cnn_co`` (FGSM-RS
+methods, ε = 0.1, 1 epoch), and the ε sweeps ``mnist5k_cnn_co`` / ``fashion_mnist_cnn_co`` (FGSM-RS
 and ATAS) that show where single-step training overfits catastrophically; ``,smoke`` for tests.
 Claims checked on our numbers: :func:`claims`, :func:`claims_co`.
 """
@@ -193,12 +193,17 @@ THESIS_CIFAR10_RN18 = {
     "atas": (81.22, 50.03, 48.18, 45.38, 0.30 * 60), "nfgsm": (None,) * 5}
 LABELS = {"pgd10": "PGD10 (reference)", "free": "FreeAT", "yopo": "YOPO-5-3", "fgsm_rs": "FGSM-RS",
           "fgsm_ga": "FGSM-GA", "atta": "ATTA-1", "atas": "ATAS", "nfgsm": "N-FGSM (beyond the thesis)"}
-# row set -> (dataset, net, epochs option or None = the protocol's, eps values, methods, AA examples)
+# row set -> (dataset, net, epochs option or None = the protocol's, eps values, methods,
+#            (PGD-50 examples, AutoAttack examples), monitor (every_epochs, num_examples))
+# Sized for the shared 2-core machine: AutoAttack on robust CNNs costs ~3 s per example there.
 ROW_SETS = {
-    "mnist5k_cnn": ("mnist5k", "cnn", None, (None,), tuple(METHODS), 500),
-    "fashion_mnist_cnn": ("fashion_mnist", "cnn", 4.0, (None,), tuple(METHODS), 500),
-    "mnist5k_cnn_co": ("mnist5k", "cnn", None, (0.1, 0.2, 0.3, 0.4), ("fgsm_rs", "atas"), 0),
-    "fashion_mnist_cnn_co": ("fashion_mnist", "cnn", 4.0, (0.1, 0.2, 0.3), ("fgsm_rs", "atas"), 0),
+    "mnist5k_cnn": ("mnist5k", "cnn", None, (None,), tuple(METHODS), (1000, 500), (1.0, 512)),
+    "fashion_mnist_cnn": ("fashion_mnist", "cnn", 1.0, (None,), tuple(METHODS), (500, 200),
+                          (0.25, 256)),
+    "mnist5k_cnn_co": ("mnist5k", "cnn", None, (0.1, 0.2, 0.3, 0.4), ("fgsm_rs", "atas"), (0, 0),
+                       (2.0, 256)),
+    "fashion_mnist_cnn_co": ("fashion_mnist", "cnn", 1.0, (0.1, 0.2, 0.3), ("fgsm_rs", "atas"),
+                             (0, 0), (0.25, 256)),
 }
 EVAL = "configs/eval/pgd20.py"
 AA = "configs/eval/autoattack_standard.py"
@@ -208,15 +213,16 @@ def row_set(arg: str):
     """The row sets of :data:`ROW_SETS` (``python -m experiments.reproduce
     --config=configs/table5_11.py:mnist5k_cnn --workdir=D``): every method trained by its Table 5.11
     config (the catastrophic-overfitting monitor on: one held-out check per epoch), evaluated by
-    PGD-10 and PGD-50 (step ε/4) on 1,000 test images and AutoAttack (standard) on the first 500
-    (the held-out splits are in a seeded random order: a sample of every class); the ``_co``
+    PGD-10 on 1,000 test images, PGD-50 (step ε/4) and AutoAttack (standard) on the first 1,000 /
+    500 (mnist5k) or 500 / 200 (Fashion-MNIST; the held-out splits are in a seeded random order: a
+    sample of every class); the ``_co``
     sets sweep ε for FGSM-RS and ATAS (PGD-10 only) to find where single-step training collapses."""
     from configs.common import reproduce_config, reproduce_row, reproduce_step
     name, _, variant = str(arg).partition(",")
     if variant not in ("", "smoke"):
         raise ValueError(f"Unknown row-set variant {variant!r}; expected '' or 'smoke'.")
     smoke = variant == "smoke"
-    ds, net, epochs, eps_values, methods, aa_examples = ROW_SETS[name]
+    ds, net, epochs, eps_values, methods, (pgd50_examples, aa_examples), monitor = ROW_SETS[name]
     sweep = name.endswith("_co")
     cols = [("Clean", "eval_pgd10.json:clean_accuracy*100"),
             ("PGD10", "eval_pgd10.json:robust_accuracy.pgd*100")]
@@ -255,19 +261,21 @@ def row_set(arg: str):
             thesis = () if sweep else tuple(THESIS_CIFAR10_RN18[method]) + (None,) * 4
             # the loop's own end-of-run evaluation is counted in train_seconds: kept small (the
             # evaluate steps below are the table's numbers)
-            over = ["train.eval_every_epochs=0.0", "train.tensorboard=False", "eval.num_examples=100"]
+            over = ["train.eval_every_epochs=0.0", "train.tensorboard=False", "eval.num_examples=100",
+                    f"train.monitor.every_epochs={monitor[0]!r}", f"train.monitor.num_examples={monitor[1]}"]
             if smoke:
                 over += ["train.monitor.enabled=True", "train.monitor.every_epochs=0.02",
                          "train.monitor.num_examples=32", "train.monitor.pgd_steps=2"]
             reproduce_row(c, row, f"configs/table5_11.py:{ds}_{net}_{method}" + (f",{o}" if o else ""),
                           label=label, thesis=thesis, overrides=over)
-    n_eval = 64 if smoke else 1000
-    pgd = lambda k: ("output=eval_pgd%d.json" % k, f"pgd_steps={k}", f"num_examples={n_eval}")  # noqa
+    pgd = lambda k, n: ("output=eval_pgd%d.json" % k, f"pgd_steps={k}",  # noqa: E731
+                        f"num_examples={64 if smoke else n}")
     reproduce_step(c, "pgd10", "evaluate", EVAL + (":smoke" if smoke else ""), "eval_pgd10.json",
-                   overrides=pgd(10))
+                   overrides=pgd(10, 1000))
     if not sweep:  # PGD-50 with step ε/4 as PGD-10 (the default 2.5ε/50 would be a weaker attack)
         reproduce_step(c, "pgd50", "evaluate", EVAL + (":smoke" if smoke else ""), "eval_pgd50.json",
-                       overrides=pgd(50 if not smoke else 5) + (f"pgd_step_size={data_eps / 4!r}",))
+                       overrides=pgd(50 if not smoke else 5, pgd50_examples) +
+                       (f"pgd_step_size={data_eps / 4!r}",))
         reproduce_step(c, "aa", "evaluate", AA + (":smoke" if smoke else ""), "eval_aa.json",
                        overrides=("output=eval_aa.json", f"num_examples={32 if smoke else aa_examples}"))
     return c
