@@ -3,12 +3,15 @@
 released clamp), Free-AT's m updates per batch, N-FGSM's unprojected perturbation, GradAlign's
 regulariser, YOPO's first-layer adjoint, the catastrophic-overfitting monitor and the Table 5.11
 configs."""
+import dataclasses
+import functools
 import json
 import os
 import warnings
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -18,7 +21,7 @@ from configs.common import schedule_config, with_defaults
 from jaxrobust.data.augment import apply_crop_flip
 from jaxrobust.models import forward_train
 from jaxrobust.train import (Objective, ObjectiveOutput, build_run, create_train_state,
-                             load_trained, make_update_fn, register, train)
+                             get_objective, load_trained, make_update_fn, register, train)
 from jaxrobust.train import fast_at
 from jaxrobust.train.monitors import (CatastrophicOverfittingMonitor,
                                       CatastrophicOverfittingWarning, monitors_from_config)
@@ -65,6 +68,29 @@ def _setup(config):
     return setup, state
 
 
+@functools.lru_cache(maxsize=None)
+def _shared():
+    """One (setup, state) shared by the tests that call objectives directly: digits fc-32 with the
+    ATAS cache (δ, seen, v); other methods' settings come from :func:`_ctx`."""
+    return _setup(cache_config(**{"objective.name": "atas", "data.augment": "none"}))
+
+
+def _ctx(setup, **fast):
+    """``setup.ctx`` with ``objective.fast`` settings replaced."""
+    cfg = ml_collections.ConfigDict(setup.ctx.cfg.to_dict())
+    for k, v in fast.items():
+        cfg.fast[k] = v
+    return dataclasses.replace(setup.ctx, cfg=cfg)
+
+
+def _with_instance(state, b, **values):
+    """``state.extra`` with the batch's rows of extra['instance'] set (δ, seen, v)."""
+    inst = dict(state.extra["instance"])
+    for k, v in values.items():
+        inst[k] = inst[k].at[b["index"]].set(v)
+    return {**state.extra, "instance": inst}
+
+
 def _batch(setup, n=16, augment=False):
     b = setup.dataset.split("train").get(np.arange(n))
     b = {k: jnp.asarray(v) for k, v in b.items()}
@@ -74,10 +100,11 @@ def _batch(setup, n=16, augment=False):
     return b
 
 
-def _train_images(setup):
-    sp = setup.dataset.split("train")
+def _train_images(dataset):
+    """The training images by dataset index (digits: no validation split, indices 0..n-1)."""
+    sp = dataset.split("train")
     b = sp.get(np.arange(len(sp)))
-    out = np.zeros((setup.train_size,) + b["image"].shape[1:], np.float32)
+    out = np.zeros((len(sp),) + b["image"].shape[1:], np.float32)
     out[b["index"]] = b["image"]
     return out
 
@@ -90,10 +117,10 @@ def test_cache_aligned_with_crop_flip_in_ball_and_box_and_resumes_bit_exactly(tm
     c.train.monitor.num_examples = 64
     c.train.monitor.pgd_steps = 3
     full = str(tmp_path / "full")
-    setup, _ = _setup(c)
     train(c, full)  # train.monitor.enabled: the loop builds the monitor from the config
-    extra = load_trained(full).extra
-    inst = {k: np.asarray(v)[:setup.train_size] for k, v in extra["instance"].items()}
+    run = load_trained(full)
+    extra, images = run.extra, _train_images(run.dataset)
+    inst = {k: np.asarray(v)[:len(images)] for k, v in extra["instance"].items()}
     seen = inst["seen"]
     assert seen.sum() == 22 * 64  # one epoch: every example of the 22 batches visited once
     delta, used = inst["delta"][seen], inst["used"][seen]
@@ -107,7 +134,7 @@ def test_cache_aligned_with_crop_flip_in_ball_and_box_and_resumes_bit_exactly(tm
     assert from_image.mean() > 0.5 and np.abs(used).max() > 0.5 * EPS
     np.testing.assert_array_equal(realigned[from_image], used[from_image])
     # ε-ball and box, for every stored value (the un-augmented frame)
-    x = _train_images(setup)[seen]
+    x = images[seen]
     assert np.abs(delta).max() <= EPS + 1e-6
     assert (x + delta).min() >= -1e-6 and (x + delta).max() <= 1 + 1e-6
     assert np.all(inst["v"][seen] > 0) and np.all(inst["v"][~seen] == 0)
@@ -151,15 +178,56 @@ def test_cache_downsampled_and_bf16_storage_and_memory():
     assert float(jnp.abs(back).max()) <= 0.05 + 1e-3
 
 
+def test_atas_with_a_downsampled_bf16_cache(capsys):
+    """§5.2.4's ImageNet-scale cache on a crop/flip batch: the memory printed at creation is
+    :func:`cache_bytes`'s; the stored δ is (B, 4, 4, 1) bfloat16 inside the ε-ball; the next visit
+    starts in ball ∩ box from the up-sampled, re-augmented δ, which keeps the used δ's coarse
+    structure (correlated with it, unlike an unrelated δ)."""
+    setup, state = _shared()
+    ctx = _ctx(setup, cache_resolution=4, cache_dtype="bfloat16")
+    n = setup.train_size
+    extra = fast_at.init_cache(ctx, n, (8, 8, 1), with_v=True, name="atas")
+    total, per_dev = fast_at.cache_bytes(n, (8, 8, 1), 4, "bfloat16", jax.device_count(), True)
+    printed = capsys.readouterr().out
+    assert f"{n} x 4x4x1 bfloat16 + v = {total / 2 ** 20:.1f} MiB, {per_dev / 2 ** 20:.1f} MiB per device" in printed
+    assert extra["instance"]["delta"].shape == (n, 4, 4, 1)
+    rng = np.random.default_rng(0)
+    b = _batch(setup, 16)
+    off = jnp.asarray(rng.integers(0, 9, (16, 2)), jnp.int32)
+    flip = jnp.asarray(rng.uniform(size=16) < 0.5)
+    b.update(image=apply_crop_flip(b["image"], off, flip), crop_offset=off, flip=flip)
+    x = b["image"]
+
+    @jax.jit
+    def visit(extra):
+        xa, upd, _ = fast_at.cache_attack(ctx, state.params, state.model_state, extra, b,
+                                          jax.random.PRNGKey(1), 0, adaptive=True)
+        inst = {k: v.at[b["index"]].set(upd[k].astype(v.dtype)) if k in upd else v
+                for k, v in extra["instance"].items()}
+        start = fast_at.cached_start(ctx, {"instance": inst}, b, ctx.threat, jax.random.PRNGKey(2))
+        return xa, upd["delta"], {"instance": inst}, start
+
+    xa1, stored, extra1, start = visit(extra)
+    assert stored.dtype == jnp.bfloat16 and stored.shape == (16, 4, 4, 1)
+    assert float(jnp.abs(stored.astype(jnp.float32)).max()) <= EPS * (1 + 2 ** -7)
+    for xa in (xa1, start):  # the used point and the next visit's start: ball ∩ box
+        assert float(jnp.abs(xa - x).max()) <= EPS + 1e-6
+        assert float(xa.min()) >= 0 and float(xa.max()) <= 1
+    used, back = np.asarray(xa1 - x).ravel(), np.asarray(start - x).ravel()
+    unrelated = rng.uniform(-EPS, EPS, used.shape)
+    corr = lambda a, c: float(np.corrcoef(a, c)[0, 1])  # noqa: E731
+    assert corr(used, back) > 0.25 and abs(corr(unrelated, back)) < 0.1, (corr(used, back),
+                                                                          corr(unrelated, back))
+    xa2, _, _, _ = visit(extra1)  # the second visit starts from the stored δ: in ball ∩ box
+    assert float(jnp.abs(xa2 - x).max()) <= EPS + 1e-6
+
+
 def test_cache_config_errors():
-    c = with_defaults(cache_config(**{"objective.name": "atta"}))
-    c.objective.fast.cache_dtype = "float16"
-    ctx = build_run(c).ctx
+    setup, _ = _shared()
     with pytest.raises(ValueError, match="cache_dtype must be one of"):
-        fast_at.init_cache(ctx, 10, (8, 8, 1), with_v=False, name="atta")
-    c.objective.fast.cache_dtype, c.objective.fast.cache_resolution = "float32", -1
+        fast_at.init_cache(_ctx(setup, cache_dtype="float16"), 10, (8, 8, 1), with_v=False, name="atta")
     with pytest.raises(ValueError, match="cache_resolution must be an integer >= 0"):
-        fast_at.init_cache(build_run(c).ctx, 10, (8, 8, 1), with_v=False, name="atta")
+        fast_at.init_cache(_ctx(setup, cache_resolution=-1), 10, (8, 8, 1), with_v=False, name="atta")
     with pytest.raises(ValueError, match="atas_rule must be one of"):
         fast_at.atas_step_size(jnp.zeros(2), 0.1, rule="adam", c=0.01)
 
@@ -187,47 +255,50 @@ def test_atas_step_sizes_follow_eq_5_16_and_released_clamp():
     np.testing.assert_allclose(im, [16 / 255 / 3], rtol=1e-5)  # 16/255·c/(c + 2c), inside the clamp
 
 
-def test_atas_objective_uses_hand_computed_v_and_step(tmp_path):
+def test_atas_objective_uses_hand_computed_v_and_step():
     """On a fixed batch with a cached δ = 0: v_new = β v + (1−β)‖∇_x mean-CE‖², and the step taken is
-    α_i·sign(∇) with eq. 5.16's α_i."""
-    c = cache_config(**{"objective.name": "atas", "data.augment": "none"})
-    c.objective.fast.atas_rule = "thesis"
-    c.objective.fast.atas_c = 1e-6
-    setup, state = _setup(c)
+    α_i·sign(∇) with eq. 5.16's α_i (rule 'thesis') or the released clamp (rule 'released')."""
+    setup, state = _shared()
     b = _batch(setup, 16)
     b["image"] = jnp.clip(b["image"], 0.3, 0.7)  # far enough from the box for one step
-    inst = dict(state.extra["instance"])
-    inst["seen"] = inst["seen"].at[b["index"]].set(True)  # start from the cached δ = 0
-    v_prev = jnp.linspace(0.0, 2e-4, 16)
-    inst["v"] = inst["v"].at[b["index"]].set(v_prev)
-    extra = {**state.extra, "instance": inst}
-    xa, upd, m = fast_at.cache_attack(setup.ctx, state.params, state.model_state, extra, b,
-                                      jax.random.PRNGKey(1), 0, adaptive=True)
+    v_prev = jnp.where(jnp.arange(16) < 3, 1.0, jnp.linspace(0.0, 2e-4, 16))  # 3 large-v examples
+    extra = _with_instance(state, b, seen=True, v=v_prev)  # start from the cached δ = 0
     logits_fn = lambda x: setup.model.apply({"params": state.params, **state.model_state}, x)
     g = jax.grad(lambda x: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
         logits_fn(x), b["label"])))(b["image"])
-    sq = np.sum(np.square(np.asarray(g).reshape(16, -1)), 1)
-    v = 0.5 * np.asarray(v_prev) + 0.5 * sq
+    sq = np.sum(np.square(np.asarray(g, np.float64).reshape(16, -1)), 1)
+    v = 0.5 * np.asarray(v_prev) + 0.5 * sq  # eq. 5.15, β = 0.5
+    c_rel = float(np.median(np.sqrt(v))) / 2  # a c at which the released rule's middle shows
+    thesis = _ctx(setup, atas_rule="thesis", atas_c=1e-6)
+    released = _ctx(setup, atas_rule="released", atas_c=c_rel)
+    both = jax.jit(lambda: [fast_at.cache_attack(ctx, state.params, state.model_state, extra, b,
+                                                 jax.random.PRNGKey(1), 0, adaptive=True)
+                            for ctx in (thesis, released)])
+    (xa, upd, m), (xr, updr, mr) = both()
     np.testing.assert_allclose(upd["v"], v, rtol=1e-5)
     alpha = 2 * EPS * np.sqrt(1e-6) / np.sqrt(v + 1e-6)
     assert alpha.min() < 0.9 * EPS  # some steps are not cut by the ε-ball
     expect = np.clip(alpha[:, None, None, None] * np.sign(np.asarray(g)), -EPS, EPS)
     np.testing.assert_allclose(np.asarray(xa - b["image"]), expect, atol=1e-6)
     np.testing.assert_allclose(upd["delta"], expect, atol=1e-6)
+    # released: clip(2ε·c/(c + √v), ε/2, 1.75ε)
+    rel = np.clip(2 * EPS * c_rel / (c_rel + np.sqrt(v)), 0.5 * EPS, 1.75 * EPS)
+    assert ((rel > 0.5 * EPS + 1e-6) & (rel < EPS - 1e-6)).sum() >= 4  # unclamped, inside the ball
+    assert (rel == np.float64(0.5 * EPS)).sum() == 3  # and the lower clamp (the large-v ones)
+    np.testing.assert_allclose(updr["v"], v, rtol=1e-5)
+    np.testing.assert_allclose(float(mr["step_size"]), rel.mean(), rtol=1e-5)
+    expect = np.clip(rel[:, None, None, None] * np.sign(np.asarray(g)), -EPS, EPS)
+    np.testing.assert_allclose(np.asarray(xr - b["image"]), expect, atol=1e-6)
 
 
 def test_atta_takes_k_steps_from_the_cached_start():
-    c = cache_config(**{"objective.name": "atta", "data.augment": "none"})
-    c.objective.fast.cache_steps, c.objective.fast.atta_step = 2, 0.3
-    setup, state = _setup(c)
+    setup, state = _shared()
+    ctx = _ctx(setup, cache_steps=2, atta_step=0.3)
     b = _batch(setup, 16)
-    inst = dict(state.extra["instance"])
     start = 0.05 * jnp.sign(jax.random.normal(jax.random.PRNGKey(2), (16, 8, 8, 1)))
-    inst["delta"] = inst["delta"].at[b["index"]].set(start)
-    inst["seen"] = inst["seen"].at[b["index"]].set(True)
-    extra = {**state.extra, "instance": inst}
-    xa, upd, _ = fast_at.cache_attack(setup.ctx, state.params, state.model_state, extra, b,
-                                      jax.random.PRNGKey(1), 0, adaptive=False)
+    extra = _with_instance(state, b, delta=start, seen=True)
+    xa, upd, _ = jax.jit(lambda: fast_at.cache_attack(ctx, state.params, state.model_state, extra, b,
+                                                      jax.random.PRNGKey(1), 0, adaptive=False))()
     logits_fn = lambda x: setup.model.apply({"params": state.params, **state.model_state}, x)
     grad = jax.grad(lambda x: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
         logits_fn(x), b["label"])))
@@ -243,18 +314,13 @@ def test_atta_takes_k_steps_from_the_cached_start():
 def test_atas_released_warmup_and_cache_reset_epochs():
     """The released code's schedule: a constant step ε with v untouched during the warm-up epochs;
     the cache re-drawn (uniform start) in the listed 1-based epochs."""
-    c = cache_config(**{"objective.name": "atas", "data.augment": "none"})
-    f = c.objective.fast
-    f.atas_warmup_epochs, f.atas_warmup_step, f.cache_reset_at = 1, 1.0, (3,)
-    setup, state = _setup(c)
+    setup, state = _shared()
+    ctx = _ctx(setup, atas_warmup_epochs=1, atas_warmup_step=1.0, cache_reset_at=(3,))
     b = _batch(setup, 16)
     spe = setup.train_size // 16
-    inst = dict(state.extra["instance"])
-    inst["seen"] = inst["seen"].at[b["index"]].set(True)  # cached δ = 0: the start is x itself
-    inst["v"] = inst["v"].at[b["index"]].set(0.5)
-    extra = {**state.extra, "instance": inst}
-    run = lambda step: fast_at.cache_attack(setup.ctx, state.params, state.model_state, extra, b,
-                                            jax.random.PRNGKey(1), step, adaptive=True)
+    extra = _with_instance(state, b, seen=True, v=0.5)  # cached δ = 0: the start is x itself
+    run = jax.jit(lambda step: fast_at.cache_attack(ctx, state.params, state.model_state, extra, b,
+                                                    jax.random.PRNGKey(1), step, adaptive=True))
     xa, upd, m = run(spe - 1)  # epoch 1 (1-based): warm-up
     np.testing.assert_array_equal(upd["v"], np.full(16, 0.5, np.float32))
     assert float(m["step_size"]) == pytest.approx(EPS)
@@ -284,37 +350,41 @@ def test_free_makes_m_optimizer_updates_per_batch():
     """Free with m replays = m real optimizer updates on the batch (here SGD with momentum 0.9:
     exact for any optimizer), δ carried over between replays and cached for the next visit."""
     m, lr, mu = 3, 0.2, 0.9
-    setup, state = _setup(_free_config(m))
-    assert setup.objective.replays == m
+    assert build_run(with_defaults(_free_config(m))).objective.replays == m  # replays = free_replays
+    setup, state = _shared()
+    objective = dataclasses.replace(get_objective("free"), replays=m)
     b = _batch(setup, 32)
     key = jax.random.PRNGKey(3)
     tx = optax.sgd(lr, momentum=mu)
     state = state.replace(opt_state=tx.init(state.params), tx=tx, key=key)
-    update = jax.jit(make_update_fn(setup.ctx, setup.objective, lambda s: lr, "none"))
+    update = jax.jit(make_update_fn(setup.ctx, objective, lambda s: lr, "none"))
     new_state, metrics = update(state, b)
     assert int(new_state.step) == 1  # one loop step ...
     # ... = m sequential momentum-SGD updates written out by hand, δ carried over between replays
     k_obj = jax.random.split(jax.random.fold_in(key, 0))[1]
     threat = setup.ctx.threat
-    xa = fast_at.cached_start(setup.ctx, state.extra, b, threat, jax.random.fold_in(k_obj, 0))
-    theta, ms = state.params, state.model_state
-    vel = jax.tree.map(jnp.zeros_like, theta)
-    x, y = b["image"], b["label"]
-    for _ in range(m):
-        def f(p, xin):
-            logits, _ = forward_train(setup.model, p, ms, xin)
-            return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
-        gp, gx = jax.grad(f, argnums=(0, 1))(theta, xa)
-        vel = jax.tree.map(lambda v, g: g + mu * v, vel, gp)
-        theta = jax.tree.map(lambda t, v: t - lr * v, theta, vel)
-        xa = jnp.clip(jnp.clip(xa + EPS * jnp.sign(gx), x - EPS, x + EPS), 0.0, 1.0)
+    x, y, ms = b["image"], b["label"], state.model_state
+
+    def ce(p, xin):
+        logits, _ = forward_train(setup.model, p, ms, xin)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+    @jax.jit
+    def by_hand(theta):
+        xa = fast_at.cached_start(setup.ctx, state.extra, b, threat, jax.random.fold_in(k_obj, 0))
+        one = jax.tree.map(lambda t, g: t - lr * g, theta, jax.grad(ce)(theta, xa))  # 1 update
+        vel = jax.tree.map(jnp.zeros_like, theta)
+        for _ in range(m):
+            gp, gx = jax.grad(ce, argnums=(0, 1))(theta, xa)
+            vel = jax.tree.map(lambda v, g: g + mu * v, vel, gp)
+            theta = jax.tree.map(lambda t, v: t - lr * v, theta, vel)
+            xa = jnp.clip(jnp.clip(xa + EPS * jnp.sign(gx), x - EPS, x + EPS), 0.0, 1.0)
+        return theta, xa, one
+
+    theta, xa, one = by_hand(state.params)
     jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=2e-5, atol=2e-6),
                  new_state.params, theta)
     # ... which is not what a single update does
-    one = jax.tree.map(lambda t, g: t - lr * g, state.params, jax.grad(
-        lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-            forward_train(setup.model, p, ms, fast_at.cached_start(
-                setup.ctx, state.extra, b, threat, jax.random.fold_in(k_obj, 0)))[0], y)))(state.params))
     assert not np.allclose(new_state.params["Dense_0"]["kernel"], one["Dense_0"]["kernel"], atol=1e-5)
     # the carried δ is cached for the example's next visit
     d = np.asarray(new_state.extra["instance"]["delta"])[np.asarray(b["index"])]
@@ -328,63 +398,159 @@ def test_free_replays_must_be_positive():
 
 
 def test_nfgsm_perturbation_exceeds_eps_but_at_most_3eps():
-    setup, state = _setup(cache_config(**{"objective.name": "nfgsm", "data.augment": "none"}))
+    setup, state = _shared()
     b = _batch(setup, 64)
-    xa, eps = fast_at.nfgsm_points(setup.ctx, state.params, state.model_state, b,
-                                   jax.random.PRNGKey(0), 0)
+    (xa, eps), (xr, _) = jax.jit(lambda: [fn(setup.ctx, state.params, state.model_state, b,
+                                             jax.random.PRNGKey(0), 0)
+                                          for fn in (fast_at.nfgsm_points, fast_at.fgsm_rs_points)])()
     dist = np.abs(np.asarray(xa - b["image"])).reshape(64, -1).max(1)
     assert float(eps) == pytest.approx(EPS)
     assert (dist > EPS * 1.01).mean() > 0.5  # no projection back onto the ε-ball
     assert dist.max() <= 3 * EPS + 1e-6  # noise 2ε + step ε
     assert float(xa.min()) >= 0.0 and float(xa.max()) <= 1.0
     # FGSM-RS, for contrast, projects: ‖δ‖ ≤ ε
-    xr, _ = fast_at.fgsm_rs_points(setup.ctx, state.params, state.model_state, b,
-                                   jax.random.PRNGKey(0), 0)
     assert float(jnp.abs(xr - b["image"]).max()) <= EPS + 1e-6
 
 
 def test_grad_align_regulariser_zero_for_parallel_gradients():
-    g = jax.random.normal(jax.random.PRNGKey(0), (5, 4, 4, 3))
-    assert float(fast_at.grad_align_regulariser(g, 3.0 * g)) == pytest.approx(0.0, abs=1e-6)
-    assert float(fast_at.grad_align_regulariser(g, -g)) == pytest.approx(2.0, abs=1e-6)
-    h = jax.random.normal(jax.random.PRNGKey(1), (5, 4, 4, 3))
-    assert 0.5 < float(fast_at.grad_align_regulariser(g, h)) < 1.5  # ~orthogonal in high dim
-    # masked rows do not count
+    rng = np.random.default_rng(0)
+    g, h = (jnp.asarray(rng.normal(size=(5, 4, 4, 3)), jnp.float32) for _ in range(2))
     mixed = g.at[0].set(-g[0])
-    assert float(fast_at.grad_align_regulariser(g, mixed, jnp.arange(5) > 0)) == pytest.approx(0.0, abs=1e-6)
+    reg = jax.jit(lambda: [fast_at.grad_align_regulariser(g, 3.0 * g),
+                           fast_at.grad_align_regulariser(g, -g),
+                           fast_at.grad_align_regulariser(g, h),
+                           fast_at.grad_align_regulariser(g, mixed, jnp.arange(5) > 0),
+                           fast_at.grad_align_regulariser(g, mixed)])()
+    parallel, opposite, random, masked, unmasked = (float(r) for r in reg)
+    assert parallel == pytest.approx(0.0, abs=1e-6) and opposite == pytest.approx(2.0, abs=1e-6)
+    assert 0.5 < random < 1.5  # ~orthogonal in high dimension
+    # masked rows do not count (row 0 is anti-parallel: 2 / 5 unmasked)
+    assert masked == pytest.approx(0.0, abs=1e-6) and unmasked == pytest.approx(0.4, abs=1e-6)
 
 
 def test_fgsm_ga_loss_adds_lambda_times_regulariser():
-    c = cache_config(**{"objective.name": "fgsm_ga", "data.augment": "none"})
-    c.objective.fast.ga_lambda = 0.5
-    setup, state = _setup(c)
+    setup, state = _shared()
+    ctx = _ctx(setup, ga_lambda=0.5)
     b = _batch(setup, 16)
-    loss, out = fast_at.fgsm_ga_loss(setup.ctx, state.params, state.model_state, state.extra, b,
-                                     jax.random.PRNGKey(0), 0)
+    loss, out = jax.jit(lambda: fast_at.fgsm_ga_loss(ctx, state.params, state.model_state, state.extra,
+                                                     b, jax.random.PRNGKey(0), 0))()
     mt = out.metrics
     assert float(mt["grad_align"]) > 0
     np.testing.assert_allclose(loss, mt["ce"] + 0.5 * mt["grad_align"], rtol=1e-6)
 
 
-def test_yopo_adjoint_is_first_layer_output_gradient():
-    setup, state = _setup(cache_config(**{"objective.name": "yopo", "data.augment": "none"}))
-    b = _batch(setup, 8)
+def test_yopo_gradients_equal_a_hand_computation():
+    """YOPO-2-2 on fc-32 (digits): the gradient the objective hands to the loop equals Zhang et al.'s
+    Alg. 1 written out in numpy: every layer but the first from the full passes at η^{j,0}; the first
+    layer from the Hamiltonian ⟨p_j, f₀(x + η^{j,n})⟩ at the end of the inner steps (x'ᵀp_j, Σp_j);
+    the inner steps η ← Π(η + σ·sign(p_j W₀ᵀ)); both averaged over j (digits: identity
+    normalisation, so f₀(x) = x W₀ + b₀)."""
+    m, n, sigma = 2, 2, 0.3
+    setup, state = _shared()
+    ctx = _ctx(setup, yopo_m=m, yopo_n=n, yopo_step=sigma)
+    b = _batch(setup, 16)
+    key = jax.random.PRNGKey(0)
     v = {"params": state.params, **state.model_state}
-    z = fast_at.first_layer_output(setup.model, v, b["image"])
-    k = state.params["Dense_0"]
-    np.testing.assert_allclose(z, b["image"].reshape(8, -1) @ k["kernel"] + k["bias"], atol=1e-5)
-    # the adjoint probe: ∂L/∂ξ at ξ = 0 is ∂L/∂z₁ computed by hand from z₁
-    y, mask = b["label"], b["mask"]
-    adj = jax.grad(lambda xi: fast_at.probed_loss(setup.model, state.params, state.model_state,
-                                                  b["image"], y, mask, xi)[0])(jnp.zeros_like(z))
-    k1 = state.params["Dense_1"]
-    by_hand = jax.grad(lambda zz: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
-        jax.nn.relu(zz) @ k1["kernel"] + k1["bias"], y)))(z)
-    np.testing.assert_allclose(adj, by_hand, atol=1e-6)
-    assert float(jnp.abs(adj).max()) > 0
-    loss, out = fast_at.yopo_loss(setup.ctx, state.params, state.model_state, state.extra, b,
-                                  jax.random.PRNGKey(0), 0)
+    path = []
+
+    @jax.jit
+    def run(prm):
+        path.append(fast_at.first_layer_path(setup.model, v, b["image"]))
+        (loss, out), grads = jax.value_and_grad(lambda q: fast_at.yopo_loss(
+            ctx, q, state.model_state, state.extra, b, key, 0), has_aux=True)(prm)
+        eta0 = setup.ctx.threat.random_init(key, b["image"])
+        return fast_at.first_layer_output(setup.model, v, b["image"]), loss, out, grads, eta0
+
+    z, loss, out, grads, eta0 = run(state.params)
+    assert path == [("Dense_0",)]
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), state.params)
+    W0, b0, W1, b1 = p["Dense_0"]["kernel"], p["Dense_0"]["bias"], p["Dense_1"]["kernel"], p["Dense_1"]["bias"]
+    x = np.asarray(b["image"], np.float64).reshape(16, -1)
+    np.testing.assert_allclose(z, x @ W0 + b0, atol=1e-5)
+    onehot = np.eye(10)[np.asarray(b["label"])]
+
+    def full_pass(xin):  # mean CE of relu(xin W0 + b0) W1 + b1: gradients by hand
+        zz = xin @ W0 + b0
+        h = np.maximum(zz, 0)
+        logits = h @ W1 + b1
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        dlogits = (e / e.sum(1, keepdims=True) - onehot) / 16
+        adj = (dlogits @ W1.T) * (zz > 0)
+        return h.T @ dlogits, dlogits.sum(0), adj
+
+    eta = np.asarray(eta0, np.float64).reshape(16, -1) - x
+    want = {k: np.zeros_like(w) for k, w in (("W0", W0), ("b0", b0), ("W1", W1), ("b1", b1))}
+    first_at_start = np.zeros_like(W0)
+    for _ in range(m):
+        gW1, gb1, adj = full_pass(x + eta)
+        first_at_start += (x + eta).T @ adj / m  # what the full pass alone would give θ₀
+        for _ in range(n):
+            eta = np.clip(np.clip(eta + sigma * EPS * np.sign(adj @ W0.T), -EPS, EPS) + x, 0, 1) - x
+        want["W0"] += (x + eta).T @ adj / m
+        want["b0"] += adj.sum(0) / m
+        want["W1"] += gW1 / m
+        want["b1"] += gb1 / m
+    got = {"W0": grads["Dense_0"]["kernel"], "b0": grads["Dense_0"]["bias"],
+           "W1": grads["Dense_1"]["kernel"], "b1": grads["Dense_1"]["bias"]}
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-7, err_msg=k)
+    # the first-layer term is not the full pass's gradient (the inner steps moved η)
+    assert np.abs(first_at_start - want["W0"]).max() > 0.05 * np.abs(want["W0"]).max()
+    assert float(out.metrics["delta_linf"]) == pytest.approx(EPS, rel=1e-5)  # 2x2 steps of 0.3ε
     assert np.isfinite(float(loss)) and float(out.metrics["eps"]) == pytest.approx(EPS)
+
+
+def test_yopo_adjoint_probe_and_first_layer_of_a_conv_stem():
+    """The adjoint probe ∂L/∂ξ equals ∂L/∂z₁ computed from z₁; on a conv net (cnn_small) the first
+    layer is the first Conv, the Hamiltonian gradient vanishes on every other layer and equals the
+    vjp of the conv w.r.t. its kernel."""
+    from jaxrobust.models import create_model
+    model = create_model("cnn_small", 10, mean=(0.3,), std=(0.2,))  # 8x8 -> 4x4x16 -> 2x2x32
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(size=(4, 8, 8, 1)), jnp.float32)
+    y, mask = jnp.array([0, 3, 5, 9]), jnp.ones(4, bool)
+    # parameters drawn in numpy (compiling flax's initialisers costs more than the test)
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(1), x)["params"]
+    k1 = jax.tree.map(lambda sd: jnp.asarray(rng.normal(size=sd.shape) / np.sqrt(
+        np.prod(sd.shape[:-1]) if len(sd.shape) > 1 else 10.0), jnp.float32), shapes)
+    v, model_state = {"params": k1}, {}
+    xn = (x - 0.3) / 0.2
+    conv = lambda h, kern, s: jax.lax.conv_general_dilated(  # noqa: E731
+        h, kern, (s, s), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def tail(zz):  # the network after its first conv, written out
+        h = jax.nn.relu(zz)
+        h = jax.nn.relu(conv(h, k1["Conv_1"]["kernel"], 2) + k1["Conv_1"]["bias"])
+        h = jax.nn.relu(h.reshape(4, -1) @ k1["Dense_0"]["kernel"] + k1["Dense_0"]["bias"])
+        return h @ k1["Dense_1"]["kernel"] + k1["Dense_1"]["bias"]
+
+    path = []
+
+    @jax.jit
+    def everything():
+        path.append(fast_at.first_layer_path(model, v, x))
+        z = fast_at.first_layer_output(model, v, x)
+        adj = jax.grad(lambda xi: fast_at.probed_loss(model, k1, model_state, x, y, mask, xi)[0])(
+            jnp.zeros_like(z))
+        by_hand = jax.grad(lambda zz: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+            tail(zz), y)))(z)
+        g = fast_at.yopo_hamiltonian_grad(model, k1, model_state, x, adj)
+        # ∇_K ⟨p, conv(x_n, K)⟩ through lax's own convolution (not the model)
+        g_conv = jax.grad(lambda kern: jnp.sum(adj * conv(xn, kern, 2)))(k1["Conv_0"]["kernel"])
+        return dict(z=z, z_lax=conv(xn, k1["Conv_0"]["kernel"], 2) + k1["Conv_0"]["bias"],
+                    tail=tail(z), logits=model.apply(v, x), adj=adj, by_hand=by_hand, g=g,
+                    g_conv=g_conv)
+
+    r = everything()
+    assert path == [("Conv_0",)]
+    np.testing.assert_allclose(r["z"], r["z_lax"], atol=1e-5)
+    np.testing.assert_allclose(r["tail"], r["logits"], atol=1e-5)
+    np.testing.assert_allclose(r["adj"], r["by_hand"], atol=1e-6)
+    g = r["g"]
+    assert all(float(jnp.abs(l).max()) == 0 for k, sub in g.items() if k != "Conv_0"
+               for l in jax.tree.leaves(sub))
+    np.testing.assert_allclose(g["Conv_0"]["kernel"], r["g_conv"], rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(g["Conv_0"]["bias"], jnp.sum(r["adj"], (0, 1, 2)), rtol=1e-5, atol=1e-8)
 
 
 # ----------------------------------------------------------------------------- the monitor
@@ -423,6 +589,12 @@ def test_monitor_detects_constructed_collapse(tmp_path):
     assert lines[-1]["collapse_drop"] == 1 and lines[-1]["fgsm_pgd_gap"] == pytest.approx(0.8)
     rec = json.load(open(tmp_path / "co_monitor.json"))
     assert rec["best"]["step"] == 3 and rec["collapses"][0]["pgd_accuracy"] == 0.10
+    assert rec["num_collapses"] == 1 and rec["first_collapse_step"] == 5 and rec["seconds"] > 0
+    # a resumed run's monitor continues from the record (best, collapses, time spent)
+    again = CatastrophicOverfittingMonitor(model, _threat(), x, np.zeros(8, np.int32), every_steps=1,
+                                           workdir=str(tmp_path))
+    assert again.best["step"] == 3 and len(again.collapses) == 1 and again.seconds == rec["seconds"]
+    again.close()
     from jaxrobust.train.checkpoint import Checkpointer
     mon.close()
     ck = Checkpointer(str(tmp_path / "best_pgd"))
@@ -488,7 +660,7 @@ def test_monitor_config_errors():
     assert monitors_from_config(c, None, None) == []  # disabled by default
     c.train.monitor.enabled = True
     c.train.monitor.split = "nope"
-    setup, _ = _setup(c)
+    setup = build_run(c)
     with pytest.raises(ValueError, match="not a split"):
         monitors_from_config(c, None, setup)
 
@@ -503,6 +675,7 @@ def test_table5_11_configs():
     im = table5_11.get_config("imagenet_rn50_atas")
     assert im.threat.eps == pytest.approx(2 / 255) and im.objective.fast.atas_c == 0.1
     assert im.objective.fast.cache_resolution == 32 and im.train.num_epochs == 90
+    assert im.eval.splits == ("validation",) and im.train.monitor.split == "validation"
     assert (im.objective.fast.atas_alpha * im.threat.eps, im.objective.fast.atas_max_step
             * im.threat.eps) == pytest.approx((16 / 255, 8 / 255))
     assert c.model.name == "preact_resnet18"
@@ -517,10 +690,56 @@ def test_table5_11_configs():
     for name in table5_11.METHODS:
         cfg = table5_11.get_config(f"mnist5k_cnn_{name},smoke")
         assert cfg.objective.name in fast_at.FAST_AT_OBJECTIVES and cfg.train.num_steps > 0
+    # options: a shortened protocol keeps Free's and YOPO's ratio of passes; ε moves PGD-10's step
+    short = {m: table5_11.get_config(f"fashion_mnist_cnn_{m},epochs=4") for m in ("atas", "free", "yopo")}
+    assert short["atas"].train.num_epochs == 4
+    assert short["free"].train.num_epochs == pytest.approx(40 / 8 * 4 / 20)
+    assert short["yopo"].train.num_epochs == pytest.approx(8 * 4 / 20)
+    p = table5_11.get_config("mnist5k_cnn_pgd10,eps=0.2")
+    assert p.threat.eps == 0.2 and p.objective.attack.step_size == pytest.approx(0.05)
+    for bad, msg in (("mnist5k_cnn_atas,eps=-1", "must be > 0"), ("mnist5k_cnn_atas,eps=x", "needs a number"),
+                     ("mnist5k_cnn_atas,fast", "Unknown config variant")):
+        with pytest.raises(ValueError, match=msg):
+            table5_11.get_config(bad)
     with pytest.raises(ValueError, match="expected <dataset>_<net>_<method>"):
         table5_11.get_config("cifar10_rn18")
     with pytest.raises(ValueError, match="Unknown method"):
         table5_11.get_config("cifar10_rn18_sgd")
+
+
+def test_table5_11_row_sets_and_claims():
+    from experiments.reproduce import validate
+    for name in table5_11.ROW_SETS:
+        for arg in (name, name + ",smoke"):
+            r = table5_11.get_config(arg).reproduce
+            validate(r)  # every row's config file exists, steps and columns are well formed
+            for row in r.rows.values():  # and every row's training config builds
+                path, _, run_arg = row.train.partition(":")
+                assert path == "configs/table5_11.py"
+                table5_11.get_config(run_arg)
+    main = table5_11.get_config("mnist5k_cnn").reproduce
+    assert sorted(main.rows) == sorted(table5_11.METHODS)
+    assert main.rows.atas.thesis[:4] == (81.22, 50.03, 48.18, 45.38)
+    assert dict(main.steps.aa.items())["overrides"] == ("output=eval_aa.json", "num_examples=500")
+    co = table5_11.get_config("mnist5k_cnn_co").reproduce
+    assert "fgsm_rs_eps0p4" in co.rows and co.rows.fgsm_rs_eps0p4.train.endswith(",eps=0.4")
+    # claims on constructed means: ATAS best and not collapsed where FGSM-RS collapsed
+    row = lambda aa, t, co: {"AA": aa, "PGD50": aa, "Time (min)": t, "CO checks": co}  # noqa: E731
+    means = {"atas": row(30, 10, 0), "fgsm_rs": row(1, 9, 4), "atta": row(25, 10, 0),
+             "free": row(20, 9, 0), "yopo": row(18, 8, 0), "fgsm_ga": row(28, 20, 0),
+             "pgd10": row(31, 40, 0)}
+    got = {c["claim"]: c["holds"] for c in table5_11.claims(means)}
+    assert len(got) == 6 and all(got.values()), got
+    means["atas"] = row(20, 20, 2)
+    got = {c["claim"]: c["holds"] for c in table5_11.claims(means) if "ATAS" in c["claim"]}
+    assert len(got) == 5 and not any(got.values()), got
+    means["fgsm_rs"]["CO checks"] = 0  # nothing collapsed: the CO claim is not tested (n/a)
+    assert [c["holds"] for c in table5_11.claims(means) if "overfitting" in c["claim"]] == [None]
+    sweep = {"fgsm_rs_eps0p1": {"CO checks": 0, "PGD10": 80}, "atas_eps0p1": {"CO checks": 0, "PGD10": 81},
+             "fgsm_rs_eps0p3": {"CO checks": 3, "PGD10": 2}, "atas_eps0p3": {"CO checks": 0, "PGD10": 30}}
+    assert [c["holds"] for c in table5_11.claims_co(sweep)] == [True, True, True]
+    sweep["atas_eps0p3"] = {"CO checks": 1, "PGD10": 1}
+    assert [c["holds"] for c in table5_11.claims_co(sweep)] == [True, False, False]
 
 
 @pytest.mark.slow
@@ -531,12 +750,19 @@ def test_table5_11_smoke_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_table5_11_cifar10_smoke_on_mock_data(tmp_path):
+def test_table5_11_cifar10_and_imagenet_smoke_on_mock_data(tmp_path, capsys):
     import tensorflow_datasets as tfds
-    for method in ("atas", "yopo"):  # the cache on crop/flip; the adjoint probe on a conv stem
+    # the cache on crop/flip; the adjoint probe on a conv stem; ImageNet's 32x32 bf16 cache of 224x224
+    for arg in ("cifar10_rn18_atas", "cifar10_rn18_yopo", "imagenet_rn50_atas"):
         with tfds.testing.mock_data(num_examples=32):
-            s = train(table5_11.get_config(f"cifar10_rn18_{method},smoke"), str(tmp_path / method))
-        assert s["steps"] == 4 and 0.0 <= s["eval"]["test"]["pgd_accuracy"] <= 1.0
+            s = train(table5_11.get_config(f"{arg},smoke"), str(tmp_path / arg))
+        held_out = "test" if "cifar" in arg else "validation"
+        assert s["steps"] == 4 and 0.0 <= s["eval"][held_out]["pgd_accuracy"] <= 1.0
+    printed = capsys.readouterr().out
+    assert "[atas] perturbation cache: 32 x 32x32x3 bfloat16 + v" in printed
+    inst = load_trained(str(tmp_path / "imagenet_rn50_atas")).extra["instance"]
+    assert inst["delta"].shape[1:] == (32, 32, 3) and inst["delta"].dtype == jnp.bfloat16
+    assert float(jnp.abs(inst["delta"].astype(jnp.float32)).max()) <= 2 / 255 * (1 + 2 ** -7)
 
 
 @pytest.mark.slow

@@ -36,9 +36,10 @@ Registered objectives (``objective.name``; settings under ``objective.fast``):
   the loop makes m optimizer updates per batch. δ is carried over between replays and batches
   through the per-instance cache (each example restarts from its own last δ).
 - ``yopo`` (Zhang et al. 2019, YOPO-m-n): m = ``yopo_m`` full forward/backward passes per batch, each
-  giving the parameter gradient (averaged over the m) and the adjoint p = ∂L/∂z₁ of the first layer's
-  output z₁; between them n = ``yopo_n`` cheap steps η ← Π(η + σ·sign(∇_η p·f₁(x + η))) through the
-  first layer only (σ = ``yopo_step``·ε).
+  giving the gradient of every layer but the first and the adjoint p = ∂L/∂z₁ of the first layer's
+  output z₁; after each, n = ``yopo_n`` cheap steps η ← Π(η + σ·sign(∇_η ⟨p, f₀(x + η)⟩)) through
+  the first layer only (σ = ``yopo_step``·ε), and the first layer's weight gradient is the
+  Hamiltonian's ∇_θ₀ ⟨p, f₀(x + η; θ₀)⟩ at the last η (both averaged over the m).
 
 ImageNet-scale caches (§5.2.4): ``cache_resolution`` > 0 stores δ down-sampled to that height/width
 (bilinear; up-sampled when read), ``cache_dtype='bfloat16'`` halves it again; the cache memory per
@@ -444,9 +445,10 @@ def _free_init(ctx, params, n_train, input_shape):
 
 
 # ----------------------------------------------------------------------------- YOPO
-def _first_layer_interceptor(add=None, capture=None):
-    """A flax method interceptor acting on the first Dense/Conv call of a forward pass: adds ``add``
-    to its output (the adjoint probe ξ: ∂L/∂ξ = ∂L/∂z₁) and/or appends the output to ``capture``."""
+def _first_layer_interceptor(add=None, capture=None, path=None):
+    """A flax method interceptor acting on the first Dense/Conv call of a forward pass (the first
+    one to return): adds ``add`` to its output (the adjoint probe ξ: ∂L/∂ξ = ∂L/∂z₁), appends the
+    output to ``capture`` and the layer's parameter path (e.g. ``('Conv_0',)``) to ``path``."""
     done = []
 
     def interceptor(next_fun, args, kwargs, context):
@@ -456,21 +458,32 @@ def _first_layer_interceptor(add=None, capture=None):
             done.append(True)
             if capture is not None:
                 capture.append(out)
+            if path is not None:
+                path.append(tuple(context.module.path))
             if add is not None:
                 out = out + add
         return out
     return interceptor
 
 
-def first_layer_output(model, variables, x):
-    """z₁ = f₁(x): the output of the model's first Dense/Conv layer (the rest of the network is dead
-    code under jit)."""
-    cap = []
-    with nn.intercept_methods(_first_layer_interceptor(capture=cap)):
+def _first_layer(model, variables, x):
+    cap, path = [], []
+    with nn.intercept_methods(_first_layer_interceptor(capture=cap, path=path)):
         model.apply(variables, x, train=False)
     if not cap:
         raise ValueError("yopo needs a model whose first layer is a flax Dense or Conv.")
-    return cap[0]
+    return cap[0], path[0]
+
+
+def first_layer_output(model, variables, x):
+    """z₁ = f₀(x; θ₀): the output of the model's first Dense/Conv layer (after the model's own input
+    normalisation; the rest of the network is dead code under jit)."""
+    return _first_layer(model, variables, x)[0]
+
+
+def first_layer_path(model, variables, x) -> Tuple[str, ...]:
+    """The parameter path of the model's first Dense/Conv layer (θ₀ of YOPO), e.g. ``('Conv_0',)``."""
+    return _first_layer(model, variables, x)[1]
 
 
 def probed_loss(model, params, model_state, x, y, mask, xi):
@@ -482,11 +495,36 @@ def probed_loss(model, params, model_state, x, y, mask, xi):
     return loss, (new_state, acc)
 
 
+def _in_subtree(path, prefix) -> bool:
+    keys = tuple(getattr(k, "key", getattr(k, "name", k)) for k in path)
+    return keys[:len(prefix)] == tuple(prefix)
+
+
+def yopo_hamiltonian_grad(model, params, model_state, x_adv, adjoint):
+    """∇_θ ⟨p, f₀(x'; θ₀)⟩: YOPO's first-layer weight gradient from the adjoint p (B, ...) of z₁ and
+    the perturbed input x' (the Hamiltonian's parameter gradient, Zhang et al. 2019, Alg. 1). Non-zero
+    only on the first layer's parameters (kernel and bias)."""
+    def ham(p):
+        z = first_layer_output(model, {"params": p, **model_state}, x_adv)
+        return jnp.sum(adjoint * z)
+    return jax.grad(ham)(params)
+
+
 def yopo_loss(ctx, params, model_state, extra, batch, key, step):
-    """YOPO-m-n (Zhang et al. 2019, "You Only Propagate Once"): η ~ U(ball); for j = 1..m one full
-    forward/backward at x + η gives ∇_θ L_j and the first layer's adjoint p_j = ∂L_j/∂z₁; then n steps
-    η ← Π(η + σ·sign(∇_η ⟨p_j, f₁(x + η)⟩)) that propagate through the first layer only. The loop's
-    update uses the mean of the m parameter gradients (one optimizer step per batch)."""
+    """YOPO-m-n (Zhang et al. 2019, "You Only Propagate Once", Alg. 1 and the released code), m =
+    ``yopo_m``, n = ``yopo_n``, σ = ``yopo_step``·ε. η^{1,0} ~ U(ball ∩ box); for j = 1..m:
+
+    - one full train-mode forward/backward at x + η^{j,0} gives ∇_θ̃ L_j for every layer but the
+      first (θ̃) and the first layer's adjoint p_j = ∂L_j/∂z₁ (z₁ = f₀(x + η; θ₀));
+    - n cheap steps η^{j,s+1} = Π(η^{j,s} + σ·sign(∇_η ⟨p_j, f₀(x + η^{j,s}; θ₀)⟩)) propagate
+      through the first layer only; η^{j+1,0} = η^{j,n};
+    - the first layer's weight gradient is the Hamiltonian's, at the end of the inner steps:
+      ∇_θ₀ ⟨p_j, f₀(x + η^{j,n}; θ₀)⟩ (the released code discards the full pass's first-layer weight
+      gradient and accumulates this one instead).
+
+    The loop's update (one optimizer step per batch) uses the mean over j of both gradients; the
+    released code sums them (the same direction with an m× larger learning rate on the gradient
+    term). Shapes: x (B, ...), η like x, p_j like z₁."""
     f = _fast(ctx)
     m = _positive_int(f.yopo_m, "yopo_m")
     n = _positive_int(f.yopo_n, "yopo_n")
@@ -496,8 +534,10 @@ def yopo_loss(ctx, params, model_state, extra, batch, key, step):
     sigma = _nonneg(f.yopo_step, "yopo_step") * eps
     xa = threat.random_init(key, x)
     theta = jax.lax.stop_gradient(params)
-    frozen = {"params": theta, **jax.lax.stop_gradient(model_state)}
+    frozen_state = jax.lax.stop_gradient(model_state)
+    frozen = {"params": theta, **frozen_state}
     z_shape = jax.eval_shape(lambda: first_layer_output(ctx.model, frozen, x))
+    first = first_layer_path(ctx.model, frozen, x)
 
     def full(p, ms, xin, xi):
         return probed_loss(ctx.model, p, ms, xin, y, mask, xi)
@@ -506,19 +546,23 @@ def yopo_loss(ctx, params, model_state, extra, batch, key, step):
     xi0 = jnp.zeros(z_shape.shape, z_shape.dtype)
     total = jax.tree.map(jnp.zeros_like, theta)
     ms, losses, accs = model_state, [], []
-    for _ in range(m):
+    for _ in range(m):  # m, n small and static: unrolled
         (loss, (ms, acc)), (g_theta, adj) = grad_full(theta, ms, xa, xi0)
-        total = jax.tree.map(jnp.add, total, g_theta)
         losses.append(loss)
         accs.append(acc)
         adj = jax.lax.stop_gradient(adj)
         ham = jax.grad(lambda xin: jnp.sum(adj * first_layer_output(ctx.model, frozen, xin)))
         for _ in range(n):
             xa = jax.lax.stop_gradient(_signed_step(threat, x, xa, ham(xa), sigma))
+        g_first = yopo_hamiltonian_grad(ctx.model, theta, frozen_state, xa, adj)
+        g = jax.tree_util.tree_map_with_path(
+            lambda path, a, b: b if _in_subtree(path, first) else a, g_theta, g_first)
+        total = jax.tree.map(jnp.add, total, g)
     grads = jax.tree.map(lambda g: g / m, total)
     loss = jnp.mean(jnp.stack(losses))
     return linear_surrogate(params, grads, loss), ObjectiveOutput(
-        ms, {}, {"loss": loss, "adv_accuracy": jnp.mean(jnp.stack(accs)), "eps": eps})
+        ms, {}, {"loss": loss, "adv_accuracy": jnp.mean(jnp.stack(accs)), "eps": eps,
+                 "delta_linf": masked_mean(jnp.max(jnp.abs(xa - x).reshape(x.shape[0], -1), 1), mask)})
 
 
 # ----------------------------------------------------------------------------- registration
@@ -536,4 +580,5 @@ FAST_AT_OBJECTIVES = ("at", "fgsm_rs", "fgsm_ga", "nfgsm", "atta", "atas", "free
 
 __all__ = ["FAST_AT_OBJECTIVES", "atas_preconditioner", "atas_step_size", "grad_align_regulariser",
            "cache_shape", "cache_bytes", "epoch_of", "read_cache", "write_cache", "cache_attack", "init_cache",
-           "linear_surrogate", "first_layer_output", "probed_loss", "fgsm_rs_points", "nfgsm_points"]
+           "linear_surrogate", "first_layer_output", "first_layer_path", "probed_loss",
+           "yopo_hamiltonian_grad", "fgsm_rs_points", "nfgsm_points"]

@@ -11,7 +11,8 @@ than ``gap`` (``collapse_gap``: a run that overfits before its PGD accuracy ever
 ε = 0.3 on MNIST does from the first epoch). Each check is written to ``metrics.jsonl`` (split
 ``'monitor'``: clean/fgsm/pgd accuracy, ``fgsm_pgd_gap``, ``collapse`` 0/1 and its reasons); a
 collapse also raises a :class:`CatastrophicOverfittingWarning` and is kept in
-``WORKDIR/co_monitor.json``. With ``keep_best`` the state of the best PGD accuracy is checkpointed in
+``WORKDIR/co_monitor.json`` (with ``num_collapses``, ``first_collapse_step`` and ``seconds``, the
+wall time the checks took: part of the run's ``train_seconds``). With ``keep_best`` the state of the best PGD accuracy is checkpointed in
 ``WORKDIR/best_pgd`` (the last good weights before a collapse; load it with
 ``Checkpointer(os.path.join(workdir, 'best_pgd')).restore(...)`` or
 ``load_trained(os.path.join(workdir, 'best_pgd'))`` after copying config.json). ``stop_on_collapse``
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 import warnings
 from typing import Any, Dict, List, Optional
 
@@ -83,6 +85,7 @@ class CatastrophicOverfittingMonitor:
         self.history: List[Dict[str, Any]] = []
         self.collapses: List[Dict[str, Any]] = []
         self.best: Optional[Dict[str, Any]] = None
+        self.seconds = 0.0  # wall time spent in checks (and best-PGD checkpoints), over resumes
         self._writer = MetricWriter(workdir, tensorboard=False) if workdir else None
         self._ckpt = None
         self._load_record()
@@ -101,6 +104,7 @@ class CatastrophicOverfittingMonitor:
                 rec = json.load(f)
             self.best, self.collapses = rec.get("best"), rec.get("collapses", [])
             self.history = rec.get("history", [])
+            self.seconds = float(rec.get("seconds", 0.0))
 
     def _save_record(self):
         p = self.record_path
@@ -108,8 +112,10 @@ class CatastrophicOverfittingMonitor:
             return
         tmp = p + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"best": self.best, "collapses": self.collapses, "history": self.history}, f,
-                      indent=2)
+            json.dump({"best": self.best, "num_collapses": len(self.collapses),
+                       "first_collapse_step": self.collapses[0]["step"] if self.collapses else None,
+                       "seconds": self.seconds,
+                       "collapses": self.collapses, "history": self.history}, f, indent=2)
         os.replace(tmp, p)
 
     def _save_best(self, step, state):
@@ -162,9 +168,11 @@ class CatastrophicOverfittingMonitor:
     def __call__(self, step: int, state) -> bool:
         if step % self.every_steps:
             return False
+        t = time.perf_counter()
         rec = self.check(step, state.variables())
         if rec["new_best"]:
             self._save_best(step, state)
+        self.seconds += time.perf_counter() - t
         self._save_record()
         return bool(rec["collapse"] and self.stop_on_collapse)
 
