@@ -4,6 +4,8 @@
     python -m experiments.evaluate --config=configs/eval/autoattack_standard.py --workdir=runs/demo \
         [--config.threat.eps=0.2 --config.threat.norm=l2 --config.num_examples=500]
 
+``--config.weights`` picks the model: 'final' (default), 'ema' (the EMA of the weights) or
+'pas_ensemble' (a periodic-adversarial-scheduling run's ensemble of period-end models).
 ``threat.eps`` unset (None) and ``threat.norm`` "" mean the training run's; the box is the run's data
 pixel range (``jaxrobust.train.build_threat``) and is recorded in eval.json. With
 ``--config.distributed=True`` each process attacks its slice of the examples and process 0 writes the
@@ -48,7 +50,7 @@ def combine_process_results(res: dict, n_local: int, allgather=None) -> dict:
 def evaluate(config, workdir):
     maybe_initialize_distributed(config)
     import_run_modules(workdir)
-    run_ = load_trained(workdir)
+    run_ = load_trained(workdir, weights=config.weights)
     threat = build_threat(run_.config, run_.dataset.info, norm=config.threat.norm or None,
                           eps=config.threat.eps)
     split = run_.dataset.split(config.split)
@@ -57,7 +59,11 @@ def evaluate(config, workdir):
     if not mask.any():
         raise ValueError(f"{n} examples cannot be split over {jax.process_count()} processes: evaluate "
                          f"at least one example per process.")
-    batch = split.get(idx[mask])
+    # subset_seed >= 0: the n examples drawn at random from the split (splits may be stored sorted by
+    # class, as mnist5k's test split is, so its first n are not a sample of the test set)
+    chosen = np.arange(n) if config.subset_seed < 0 or n == len(split) else \
+        np.sort(np.random.default_rng(config.subset_seed).choice(len(split), n, replace=False))
+    batch = split.get(chosen[idx[mask]])
     pid, count = jax.process_index(), jax.process_count()
     stem = os.path.splitext(config.output)[0].replace("eval", "eval_state", 1) if \
         config.output.startswith("eval") else "eval_state_" + os.path.splitext(config.output)[0]
@@ -81,7 +87,8 @@ def evaluate(config, workdir):
     out = {k: v for k, v in res.items() if k not in ("x_adv", "robust")}
     out.update(threat={"norm": threat.norm, "eps": float(threat.eps),
                        "box": None if threat.box is None else [float(b) for b in threat.box]},
-               split=config.split, step=run_.step, attacks=list(config.attacks), processes=count)
+               split=config.split, step=run_.step, attacks=list(config.attacks), processes=count,
+               weights=config.weights)
     write_json_atomic(out, os.path.join(workdir, config.output))
     if os.path.exists(state_path):
         os.remove(state_path)  # finished: nothing to resume

@@ -9,6 +9,7 @@ def base_eval_config() -> ml_collections.ConfigDict:
     c.imports = ()  # modules to import first (the training run's own config.imports are imported too)
     c.split = "test"
     c.num_examples = 1000  # <= 0: the whole split
+    c.subset_seed = -1  # >= 0: num_examples drawn at random (this seed) instead of the split's first ones
     c.batch_size = 500
     c.attacks = ("apgd-ce", "apgd-t", "fab-t", "square")
     c.mode = "standard"  # standard: sequential worst case; individual: each attack alone
@@ -21,6 +22,8 @@ def base_eval_config() -> ml_collections.ConfigDict:
     c.pgd_restarts = 1
     c.n_target_classes = 9
     c.save_adversarial = False  # RUN/eval_adversarial.npz
+    # the model: final | ema (objective.ema_decay > 0) | pas_ensemble (a PAS run's period-end ensemble)
+    c.weights = "final"
     c.output = "eval.json"  # file written in RUN (several evaluations of one run: distinct names)
     c.resume = True  # resume from RUN/eval_state.npz if an earlier evaluation was interrupted
     return c
