@@ -165,9 +165,8 @@ MNIST5K_PROTOCOL = (
     "optimizer.lr=0.001",  # Adam 1e-3 (thesis 1e-4): few steps
     "eval.attack.steps=10", "eval.num_examples=-1", "train.eval_every_epochs=0.0",
 )
-# 250 test images drawn at random (mnist5k's test split is sorted by class), Square-1K
-MNIST5K_EVAL = ("num_examples=250", "subset_seed=0", "n_queries=1000")
-MNIST5K_PGD = ("pgd_steps=5",)  # "PGD as in training"
+MNIST5K_EVAL = ("num_examples=250", "n_queries=1000")  # 250 test images (a random sample), Square-1K
+MNIST5K_PGD = ("pgd_steps=5", "pgd_step_size=0.2")  # "PGD as in training"
 
 
 def row_set(task: str, smoke: bool = False):
@@ -186,7 +185,7 @@ def row_set(task: str, smoke: bool = False):
     pgd_over = MNIST5K_PGD if cpu else ()
     if cpu:
         notes += (" Protocol deviations (CPU): " + ", ".join(protocol) + "; evaluation on 250 "
-                  "test images drawn at random, PGD of training = PGD-5, Square with 1,000 queries. Thesis values "
+                  "test images (a random sample), PGD of training = PGD-5, Square with 1,000 queries. Thesis values "
                   "are for the full MNIST protocol (LeNet w=16, 100 epochs of 60,000 images).")
     c = reproduce_config(f"table4_2_{task}", title, columns=COLUMNS, seeds="0,1,2",
                          row_header="ε scheduler", decimals=2, claims=f"configs.table4_2:{'claims_cifar10' if kind == 'cifar10' else 'claims_mnist'}",

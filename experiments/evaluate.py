@@ -59,11 +59,7 @@ def evaluate(config, workdir):
     if not mask.any():
         raise ValueError(f"{n} examples cannot be split over {jax.process_count()} processes: evaluate "
                          f"at least one example per process.")
-    # subset_seed >= 0: the n examples drawn at random from the split (splits may be stored sorted by
-    # class, as mnist5k's test split is, so its first n are not a sample of the test set)
-    chosen = np.arange(n) if config.subset_seed < 0 or n == len(split) else \
-        np.sort(np.random.default_rng(config.subset_seed).choice(len(split), n, replace=False))
-    batch = split.get(chosen[idx[mask]])
+    batch = split.get(idx[mask])
     pid, count = jax.process_index(), jax.process_count()
     stem = os.path.splitext(config.output)[0].replace("eval", "eval_state", 1) if \
         config.output.startswith("eval") else "eval_state_" + os.path.splitext(config.output)[0]

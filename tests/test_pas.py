@@ -303,6 +303,7 @@ def test_table4_2_config_names_and_protocol():
         with pytest.raises(ValueError, match=r"task in \['mnist_lenet'"):
             table4_2.get_config(bad)
     assert table4_2_eval.get_config("cifar10_pgd").pgd_steps == 10
+    assert table4_2_eval.get_config("mnist_pgd100").pgd_step_size == 0.01
     assert table4_2_eval.get_config("mnist_pgd100").output == "eval_pgd100.json"
     assert table4_2_eval.get_config("mnist_apgd_square").attacks == ("apgd-ce", "apgd-dlr", "square")
     with pytest.raises(ValueError, match=r"part in \['pgd', 'pgd100', 'apgd_square'\]"):

@@ -9,7 +9,6 @@ def base_eval_config() -> ml_collections.ConfigDict:
     c.imports = ()  # modules to import first (the training run's own config.imports are imported too)
     c.split = "test"
     c.num_examples = 1000  # <= 0: the whole split
-    c.subset_seed = -1  # >= 0: num_examples drawn at random (this seed) instead of the split's first ones
     c.batch_size = 500
     c.attacks = ("apgd-ce", "apgd-t", "fab-t", "square")
     c.mode = "standard"  # standard: sequential worst case; individual: each attack alone
