@@ -315,7 +315,7 @@ def test_table4_2_row_sets_carry_the_thesis_numbers_and_validate():
     for task in table4_2.TASKS:
         r = table4_2.get_config(task).reproduce
         rp.validate(r)
-        assert r.seeds == "0,1,2"
+        assert r.seeds == ("0,1" if task == "mnist5k_lenet" else "0,1,2")  # mnist5k: the CPU protocol
     r = table4_2.get_config("cifar10_resnet18").reproduce
     assert set(r.rows) == {"constant", "cos", "lin", "constant_pas", "cos_pas", "lin_pas"}
     labels = [label for label, _ in r.columns]
