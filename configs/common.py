@@ -163,6 +163,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.monitor.keep_best = True
     c.train.monitor.stop_on_collapse = False
 
+    # Periodic adversarial scheduling (jaxrobust/train/pas.py, thesis §4.2.4): the ends of the training
+    # periods in epochs, or fractions of the run when every value is <= 1 (the last one = the end of
+    # the run); () = off. The schedules named in `restart` ('lr', 'eps' or objective.schedules names)
+    # restart at each period start, scaled to the period's length; the variables at each period end
+    # are kept in RUN/pas/ and the run's model is their ensemble (averaged softmax), evaluated with
+    # load_trained(workdir, weights='pas_ensemble') / experiments.evaluate --config.weights=pas_ensemble.
+    c.pas = ml_collections.ConfigDict()
+    c.pas.periods = ()
+    c.pas.restart = ("lr", "eps")
+
     c.eval = ml_collections.ConfigDict()
     c.eval.splits = ("test",)
     c.eval.num_examples = -1  # <= 0: the whole split

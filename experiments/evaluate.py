@@ -4,6 +4,8 @@
     python -m experiments.evaluate --config=configs/eval/autoattack_standard.py --workdir=runs/demo \
         [--config.threat.eps=0.2 --config.threat.norm=l2 --config.num_examples=500]
 
+``--config.weights`` picks the model: 'final' (default), 'ema' (the EMA of the weights) or
+'pas_ensemble' (a periodic-adversarial-scheduling run's ensemble of period-end models).
 ``threat.eps`` unset (None) and ``threat.norm`` "" mean the training run's; the box is the run's data
 pixel range (``jaxrobust.train.build_threat``) and is recorded in eval.json. With
 ``--config.distributed=True`` each process attacks its slice of the examples and process 0 writes the
@@ -48,7 +50,7 @@ def combine_process_results(res: dict, n_local: int, allgather=None) -> dict:
 def evaluate(config, workdir):
     maybe_initialize_distributed(config)
     import_run_modules(workdir)
-    run_ = load_trained(workdir)
+    run_ = load_trained(workdir, weights=config.weights)
     threat = build_threat(run_.config, run_.dataset.info, norm=config.threat.norm or None,
                           eps=config.threat.eps)
     split = run_.dataset.split(config.split)
@@ -82,7 +84,8 @@ def evaluate(config, workdir):
     out = {k: v for k, v in res.items() if k not in ("x_adv", "robust")}
     out.update(threat={"norm": threat.norm, "eps": float(threat.eps),
                        "box": None if threat.box is None else [float(b) for b in threat.box]},
-               split=config.split, step=run_.step, attacks=list(config.attacks), processes=count)
+               split=config.split, step=run_.step, attacks=list(config.attacks), processes=count,
+               weights=config.weights)
     write_json_atomic(out, os.path.join(workdir, config.output))
     if os.path.exists(state_path):
         os.remove(state_path)  # finished: nothing to resume

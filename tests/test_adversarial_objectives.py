@@ -533,3 +533,42 @@ def test_inner_maximisation_uses_the_attack_bn_mode(loss):
                                                      loss)[0])
         a, b = np.asarray(f(batch))[1:], np.asarray(f(batch2))[1:]
         assert np.array_equal(a, b) == independent, mode
+
+
+# ----------------------------------------------------------------------------- ε from the schedule
+def _losses_with_eps(name, pairs):
+    """The objective's loss for each (threat.eps, ε schedule value) pair, traced once (both traced)."""
+    obj = get_objective(name)
+    base = dataclasses.replace(_ctx(eps=0.3), n_train=B, steps_per_epoch=1)
+    params = _params(base)
+    batch = {**_batch(), "crop_offset": jnp.full((B, 2), 4, jnp.int32), "flip": jnp.zeros((B,), bool),
+             "replay": jnp.int32(0)}
+
+    def ctx_of(threat_eps, sched_eps):
+        scheds = {n: (lambda s: jnp.float32(0.5)) for n in obj.schedules}
+        return dataclasses.replace(base, threat=base.threat.replace(eps=threat_eps),
+                                   schedules={**scheds, "eps": lambda s: sched_eps})
+
+    extra = obj.init_extra(base, params, B, (D_IN,))
+
+    @jax.jit
+    def loss(p, threat_eps, sched_eps):
+        return obj.loss(ctx_of(threat_eps, sched_eps), p, {}, extra, batch, jax.random.PRNGKey(5), 0)[0]
+
+    return [float(loss(params, jnp.float32(t), jnp.float32(e))) for t, e in pairs]
+
+
+ADVERSARIAL = ("pgd_at", "trades", "mart", "awp_at", "awp_trades")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in ADVERSARIAL else pytest.mark.slow)
+                                  for n in sorted(set(__import__("jaxrobust.train", fromlist=["x"])
+                                                      .list_objectives()) - {"standard", "plain"})])
+def test_every_objective_reads_eps_from_the_eps_schedule(name):
+    """Thesis §4.2.4: ε(step) comes from objective.eps_schedule (eq 4.29's schedulers), clipped to
+    threat.eps. With the schedule at 0.1, the loss is the same whether the run's target ε is 0.3 or
+    0.5 (an objective reading threat.eps directly would differ), and differs from the schedule at 0."""
+    a, b, zero = _losses_with_eps(name, [(0.3, 0.1), (0.5, 0.1), (0.3, 0.0)])
+    assert a == pytest.approx(b, rel=1e-6, abs=1e-7), name
+    if name != "mmr":  # MMR's regulariser has no ε (its thresholds are objective.certified.mmr_gamma_*)
+        assert zero != pytest.approx(a, rel=1e-4), name

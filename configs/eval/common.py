@@ -22,6 +22,8 @@ def base_eval_config() -> ml_collections.ConfigDict:
     c.pgd_step_size = 0.0  # input units; <= 0: 2.5 * eps / pgd_steps
     c.n_target_classes = 9
     c.save_adversarial = False  # RUN/eval_adversarial.npz
+    # the model: final | ema (objective.ema_decay > 0) | pas_ensemble (a PAS run's period-end ensemble)
+    c.weights = "final"
     c.output = "eval.json"  # file written in RUN (several evaluations of one run: distinct names)
     c.resume = True  # resume from RUN/eval_state.npz if an earlier evaluation was interrupted
     return c

@@ -36,11 +36,11 @@ from jaxrobust import attacks, data as jdata, models as jmodels
 from jaxrobust.data import augment as jaug
 from jaxrobust.threat import ThreatModel
 from jaxrobust.train import objectives as jobj
+from jaxrobust.train import pas as jpas
 from jaxrobust.train.checkpoint import Checkpointer
 from jaxrobust.train.metrics import MetricWriter, Progress, round_floats
 from jaxrobust.train.monitors import monitors_from_config
 from jaxrobust.train.optim import make_optimizer
-from jaxrobust.train.schedules import make_scalar_schedule
 from jaxrobust.train.state import TrainState
 from jaxrobust.train.workdir import prepare_workdir
 
@@ -134,13 +134,15 @@ class RunSetup:
 def build_schedules(config, total_steps: int, steps_per_epoch: int, objective=None) -> Dict[str, Callable]:
     """``ctx.schedules``: 'eps' (of threat.eps) and every ``objective.schedules.<name>`` (of its value)."""
     eps = float(config.threat.eps)
-    raw_eps = make_scalar_schedule(config.objective.eps_schedule, eps, total_steps, steps_per_epoch)
+    # Periodic adversarial scheduling restarts the schedules named in pas.restart per period (pas.py).
+    raw_eps = jpas.schedule_for(config, "eps", config.objective.eps_schedule, eps, total_steps,
+                                steps_per_epoch)
     # ε(step) is clipped to [0, threat.eps]: eq 4.29's schedulers may overshoot the target on purpose.
     scheds = {"eps": lambda step: jnp.clip(raw_eps(step), 0.0, eps)}
     for name, sc in config.objective.schedules.items():
         if name == "eps":
             raise ValueError("objective.schedules.eps is reserved: configure objective.eps_schedule.")
-        scheds[name] = make_scalar_schedule(sc, float(sc.value), total_steps, steps_per_epoch)
+        scheds[name] = jpas.schedule_for(config, name, sc, float(sc.value), total_steps, steps_per_epoch)
     end_eps = float(raw_eps(max(total_steps - 1, 0)))
     if eps > 0 and end_eps < eps * (1 - 1e-3):
         warnings.warn(f"the ε schedule ends at {end_eps:.6g}, below threat.eps = {eps:g}: the run is "
@@ -172,6 +174,7 @@ def build_run(config) -> RunSetup:
         raise ValueError(f"batch_size {bs} is larger than the training set ({train_size}).")
     total = config.train.num_steps if config.train.num_steps > 0 else \
         int(round(config.train.num_epochs * steps_per_epoch))
+    jpas.validate(config, total, steps_per_epoch)
     objective = jobj.get_objective(config.objective.name)
     if objective.validate is not None:
         objective.validate(config.objective)
@@ -189,8 +192,11 @@ def build_run(config) -> RunSetup:
     m = objective.replays
     if m < 1:
         raise ValueError(f"objective {config.objective.name!r} has replays={m}; expected >= 1.")
+    lr = jpas.schedule_for(config, "lr", config.schedule, config.optimizer.lr, total * m,
+                           steps_per_epoch * m)
     tx, lr_schedule = make_optimizer(config.optimizer, config.schedule, total * m, steps_per_epoch * m,
-                                     params=params_shape, objective_labels=objective.param_labels)
+                                     params=params_shape, objective_labels=objective.param_labels,
+                                     lr_schedule=lr)
     return RunSetup(config, ds, train_size, num_indices, model, threat, steps_per_epoch, total,
                     objective, ctx, tx,
                     lr_schedule)
@@ -395,6 +401,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
 
     # The catastrophic-overfitting monitor (train.monitor.*) is a callback like any other.
     monitors = monitors_from_config(config, workdir, setup)
+    monitors = [*monitors, *jpas.callbacks(config, workdir, setup)]  # PAS period-end checkpoints
     callbacks = [*callbacks, *monitors]
     # config.json only once everything above accepted the config; refuses a changed run (workdir.py).
     prepare_workdir(config, workdir)
@@ -526,6 +533,9 @@ class TrainedRun:
     step: int
     extra: Any = None
     threat: Optional[ThreatModel] = None  # the run's training threat model (box = data pixel range)
+    # weights='pas_ensemble': {period end step: variables} of the ensemble's members (variables is
+    # then the last member's; logits_fn the ensemble's)
+    members: Optional[Dict[int, Any]] = None
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -543,9 +553,15 @@ def load_trained(workdir: str, step: Optional[int] = None, weights: str = "final
 
     ``weights='ema'`` uses the exponential moving average of the parameters that objectives keep in
     ``extra['ema']`` (an ``after_update`` hook) instead of the final parameters.
+    ``weights='pas_ensemble'``: a periodic-adversarial-scheduling run's model, the ensemble of its
+    period-end checkpoints (averaged softmax; ``logits_fn`` returns its log-probabilities, ``members``
+    holds each member's variables; jaxrobust/train/pas.py). Needs a finished run and ``step=None``.
     """
-    if weights not in ("final", "ema"):
-        raise ValueError(f"weights must be 'final' or 'ema', got {weights!r}.")
+    if weights not in ("final", "ema", "pas_ensemble"):
+        raise ValueError(f"weights must be 'final', 'ema' or 'pas_ensemble', got {weights!r}.")
+    if weights == "pas_ensemble" and step is not None:
+        raise ValueError("weights='pas_ensemble' is the ensemble of every period end: pass step=None "
+                         "(jaxrobust.train.pas.load_members loads chosen period ends).")
     config = load_config(workdir)
     setup = build_run(config)
     state = create_run_state(setup)
@@ -559,6 +575,16 @@ def load_trained(workdir: str, step: Optional[int] = None, weights: str = "final
             raise ValueError(f"the run in {workdir} keeps no EMA weights (objective "
                              f"{config.objective.name!r} has no extra['ema']).")
         variables = {**variables, "params": state.extra["ema"]}
-    logits_fn = jax.jit(lambda x: setup.model.apply(variables, x, train=False))
+    members = None
+    if weights == "pas_ensemble":
+        ends = jpas.validate(config, setup.total_steps, setup.steps_per_epoch)
+        if ends is None:
+            raise ValueError(f"the run in {workdir} does not use periodic adversarial scheduling "
+                             f"(pas.periods is empty): it has no PAS ensemble.")
+        members = jpas.load_members(workdir, variables, ends)
+        variables = members[ends[-1]]
+        logits_fn = jpas.ensemble_logits_fn(setup.model, list(members.values()))
+    else:
+        logits_fn = jax.jit(lambda x: setup.model.apply(variables, x, train=False))
     return TrainedRun(config, setup.model, variables, logits_fn, setup.dataset, int(state.step),
-                      state.extra, setup.threat)
+                      state.extra, setup.threat, members)

@@ -83,13 +83,18 @@ def _base_optimizer(opt_cfg, lr, weight_decay: float) -> optax.GradientTransform
 
 
 def make_optimizer(opt_cfg, sched_cfg, total_steps: int, steps_per_epoch: int, params=None,
-                   objective_labels: Optional[Callable] = None):
+                   objective_labels: Optional[Callable] = None,
+                   lr_schedule: Optional[Callable] = None):
     """Returns ``(optax transformation, lr schedule)``.
+
+    ``lr_schedule``: a ready learning-rate schedule (step -> lr) used instead of building one from
+    ``sched_cfg`` (periodic adversarial scheduling restarts it per period, jaxrobust/train/pas.py).
 
     With ``params`` (a pytree or its shapes), parameters are grouped as described in the module
     docstring; without, every parameter is in the default group.
     """
-    lr = make_schedule(sched_cfg, opt_cfg.lr, total_steps, steps_per_epoch)
+    lr = lr_schedule if lr_schedule is not None else \
+        make_schedule(sched_cfg, opt_cfg.lr, total_steps, steps_per_epoch)
     groups = opt_cfg.param_groups
     for name, g in groups.items():
         if g.pattern:

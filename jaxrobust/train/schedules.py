@@ -12,8 +12,9 @@ A schedule config has a ``name`` and moves a base ``value`` (lr, ε, κ...) betw
 - ``exponential``: ``start_fraction·value`` multiplied by ``rate`` every epoch (smoothly), until it
   reaches ``final_fraction·value`` (a cap when growing, a floor when decaying): exponential ε growth.
 - ``cyclic``: one cycle, linear up to ``value`` at ``peak_fraction`` of the run then down (fast AT).
-- ``periodic``: cosine restarts every ``period_epochs`` (SGDR-style, and periodic adversarial
-  scheduling of §4.2.4).
+- ``periodic``: cosine restarts every ``period_epochs`` (SGDR-style). The periodic adversarial
+  scheduling of §4.2.4 restarts *any* of these schedules per period, scaled to unequal periods
+  (``config.pas``, jaxrobust/train/pas.py).
 
 Every schedule takes an optional linear warm-up from 0 over ``warmup_epochs``. Schedules are optax
 schedules: pure, jit-able functions of a (possibly traced) step.
