@@ -17,7 +17,8 @@ included: nothing is materialised for AutoLip).
   activation patterns (a convex function of σ, maximal at a vertex) is found by alternating
   maximisation: (u, v) = top singular pair of ``A diag(σ) B``, then ``σ_j = 1[(Aᵀu)_j (Bv)_j > 0]``,
   which never decreases the norm, from ``restarts`` starts (all ones and random patterns): a local
-  maximum, as the greedy search of the paper. Segments wider than ``max_dense`` fall back to their
+  maximum, as the greedy search of the paper (exact enumeration of the 2^n patterns when n <= 12,
+  so SeqLip is then a guaranteed upper bound). Segments wider than ``max_dense`` fall back to their
   AutoLip factor (still an upper bound; counted in the result).
 - ``gradient_norm_estimate``: ``max_x ‖∂f/∂x‖₂`` over given points, a lower bound of L.
 
@@ -233,11 +234,30 @@ def _best_pattern(A, B, u, v):
     return ((A.T @ u) * (B @ v) > 0).astype(A.dtype)
 
 
+EXACT_PATTERN_LIMIT = 12  # n <= this: every one of the 2^n activation patterns is tried
+
+
+def exact_pattern_norm(A: np.ndarray, B: np.ndarray) -> float:
+    """``max_{σ ∈ {0,1}^n} ‖A diag(σ) B‖₂`` by enumeration (n <= ``EXACT_PATTERN_LIMIT``): the exact
+    SeqLip pair factor (the maximum over [0, 1]^n is at a vertex: the norm is convex in σ)."""
+    A, B = np.asarray(A, np.float64), np.asarray(B, np.float64)
+    n = A.shape[1]
+    if n > EXACT_PATTERN_LIMIT:
+        raise ValueError(f"exact enumeration of 2^{n} activation patterns refused (n > "
+                         f"{EXACT_PATTERN_LIMIT}); use max_pattern_norm.")
+    patterns = ((np.arange(2 ** n)[:, None] >> np.arange(n)[None, :]) & 1).astype(np.float64)
+    mats = np.einsum("rn,pn,nm->prm", A, patterns, B)
+    return float(np.linalg.norm(mats, ord=2, axis=(1, 2)).max())
+
+
 def max_pattern_norm(A: np.ndarray, B: np.ndarray, key, *, restarts: int = 4,
                      iters: int = 50) -> float:
-    """``max_{σ ∈ {0,1}^n} ‖A diag(σ) B‖₂`` (A (r, n), B (n, m)) by alternating maximisation from the
-    all-ones pattern and ``restarts − 1`` random ones: a lower estimate of the maximum that is exact at
-    a local maximum (see the module docstring)."""
+    """``max_{σ ∈ {0,1}^n} ‖A diag(σ) B‖₂`` (A (r, n), B (n, m)): exact by enumeration when
+    n <= ``EXACT_PATTERN_LIMIT``; otherwise by alternating maximisation from the all-ones pattern and
+    ``restarts − 1`` random ones, a lower estimate of the maximum that is exact at a local maximum (see
+    the module docstring)."""
+    if np.shape(A)[1] <= EXACT_PATTERN_LIMIT:
+        return exact_pattern_norm(A, B)
     A = jnp.asarray(A, jnp.float32)
     B = jnp.asarray(B, jnp.float32)
     n = A.shape[1]
@@ -372,5 +392,5 @@ def _stats(vals):
 
 
 __all__ = ["Segment", "extract_segments", "segment_fn", "linear_maps", "spectral_norm", "autolip",
-           "dense_matrix", "max_pattern_norm", "seqlip", "gradient_norm_estimate",
+           "dense_matrix", "max_pattern_norm", "exact_pattern_norm", "seqlip", "gradient_norm_estimate",
            "lipschitz_bounds", "ACTIVATION_SLOPES"]
