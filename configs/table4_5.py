@@ -9,8 +9,8 @@ A run argument ``<dataset>_<easy|random|hard|reference>[,smoke]`` is the run of 
 row-set argument ``<dataset>`` (fashion_mnist, mnist5k, cifar10) trains the reference run (PGD-AT on
 the whole set, difficulty tracked, G0..G9 recorded), then the three subsets ranked by its difficulty,
 and analyses each: ``analysis/overfitting.json`` (best / last PGD accuracy of the periodic test
-evaluations) and ``analysis/lipschitz.json`` (AutoLip and SeqLip averaged over 10 runs, the
-thesis 20; the gradient-norm lower estimate), ``analysis/groups.json`` and ``analysis/difficulty.json``
+evaluations) and ``analysis/lipschitz.json`` (AutoLip averaged over 20 runs as the thesis, SeqLip over
+5 runs of 2 pattern searches per layer pair; the gradient-norm lower estimate), ``analysis/groups.json`` and ``analysis/difficulty.json``
 on the reference run. Use the same --workdir for tables 4.3, 4.5, 4.6 and 4.7: their rows share runs
 (``random`` is the PGD-AT baseline of 4.6 and the pre-trained model of 4.7).
 """
@@ -74,7 +74,7 @@ def rowset(ds: str):
                    overrides=("overfitting.others=easy={root}/easy/s{seed};random={root}/random/s{seed};"
                               "hard={root}/hard/s{seed}",))
     reproduce_step(c, "lip", "analyze", "configs/analyze/lipschitz.py", "analysis/lipschitz.json",
-                   overrides=("lipschitz.runs=10",))
+                   overrides=("lipschitz.runs=20", "lipschitz.seqlip_runs=5", "lipschitz.restarts=2"))
     reproduce_step(c, "difficulty", "analyze", "configs/analyze/difficulty.py",
                    "analysis/difficulty.json")
     reproduce_step(c, "groups", "analyze", "configs/analyze/groups.py", "analysis/groups.json")

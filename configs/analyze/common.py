@@ -105,6 +105,7 @@ def base_analyze_config() -> ml_collections.ConfigDict:
     # lipschitz: AutoLip / SeqLip (Scaman & Virmaux 2018) averaged over runs (Table 4.5: 20).
     c.lipschitz = ml_collections.ConfigDict()
     c.lipschitz.runs = 20
+    c.lipschitz.seqlip_runs = -1  # <= 0: runs
     c.lipschitz.methods = "autolip,seqlip"
     c.lipschitz.power_iters = 200
     c.lipschitz.restarts = 4  # SeqLip activation-pattern searches per pair and run

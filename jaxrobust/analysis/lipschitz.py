@@ -251,12 +251,12 @@ def exact_pattern_norm(A: np.ndarray, B: np.ndarray) -> float:
 
 
 def max_pattern_norm(A: np.ndarray, B: np.ndarray, key, *, restarts: int = 4,
-                     iters: int = 50) -> float:
+                     iters: int = 50, exact_limit: int = EXACT_PATTERN_LIMIT) -> float:
     """``max_{σ ∈ {0,1}^n} ‖A diag(σ) B‖₂`` (A (r, n), B (n, m)): exact by enumeration when
-    n <= ``EXACT_PATTERN_LIMIT``; otherwise by alternating maximisation from the all-ones pattern and
+    n <= ``exact_limit`` (at most ``EXACT_PATTERN_LIMIT``); otherwise by alternating maximisation from the all-ones pattern and
     ``restarts − 1`` random ones, a lower estimate of the maximum that is exact at a local maximum (see
     the module docstring)."""
-    if np.shape(A)[1] <= EXACT_PATTERN_LIMIT:
+    if np.shape(A)[1] <= min(exact_limit, EXACT_PATTERN_LIMIT):
         return exact_pattern_norm(A, B)
     A = jnp.asarray(A, jnp.float32)
     B = jnp.asarray(B, jnp.float32)
@@ -303,10 +303,11 @@ def gradient_norm_estimate(logits_fn: Callable, x) -> Dict[str, float]:
 
 def lipschitz_bounds(model, variables, input_shape, key, *, runs: int = 20, iters: int = 200,
                      restarts: int = 4, methods: Sequence[str] = ("autolip", "seqlip"),
-                     max_dense: int = 8192, progress: Optional[Callable[[str], None]] = None
-                     ) -> Dict[str, Any]:
-    """AutoLip and SeqLip ``runs`` times with different random starts (the thesis: 20): mean, std,
-    min, max of each, plus the segment structure. Dense SVDs are computed once and reused."""
+                     max_dense: int = 8192, progress: Optional[Callable[[str], None]] = None,
+                     seqlip_runs: Optional[int] = None) -> Dict[str, Any]:
+    """AutoLip ``runs`` times and SeqLip ``seqlip_runs`` (None: ``runs``) times with different random
+    starts (the thesis: 20): mean, std, min, max of each, plus the segment structure. Dense SVDs are
+    computed once and reused."""
     unknown = [m for m in methods if m not in ("autolip", "seqlip")]
     if unknown:
         raise ValueError(f"unknown Lipschitz methods {unknown}; expected 'autolip' and/or 'seqlip'.")
@@ -333,12 +334,13 @@ def lipschitz_bounds(model, variables, input_shape, key, *, runs: int = 20, iter
     if "seqlip" in methods:
         svd_cache = _SVDCache(model, variables, input_shape, segs, max_dense)
         vals, fb = [], 0
-        for r in range(runs):
+        n_seq = int(runs if seqlip_runs is None or seqlip_runs < 1 else seqlip_runs)
+        for r in range(n_seq):
             res = svd_cache.seqlip(jax.random.fold_in(key, 10_000 + r), restarts)
             vals.append(res["bound"])
             fb = res["fallback_pairs"]
             if progress:
-                progress(f"seqlip run {r + 1}/{runs}: {vals[-1]:.6g}")
+                progress(f"seqlip run {r + 1}/{n_seq}: {vals[-1]:.6g}")
         out["seqlip"] = _stats(vals)
         out["seqlip_fallback_pairs"] = fb
     out["seconds"] = time.time() - t0

@@ -232,7 +232,8 @@ def run_lipschitz(ctx) -> dict:
     res = L.lipschitz_bounds(run.model, run.variables, shape, ctx.key, runs=int(cfg.runs),
                              iters=int(cfg.power_iters), restarts=int(cfg.restarts),
                              methods=tuple(m for m in cfg.methods.split(",") if m),
-                             max_dense=int(cfg.max_dense), progress=progress)
+                             max_dense=int(cfg.max_dense), progress=progress,
+                             seqlip_runs=int(cfg.seqlip_runs))
     if cfg.gradient_examples > 0:
         split = run.dataset.split(ctx.cfg.data.split)
         n = min(int(cfg.gradient_examples), len(split))
