@@ -93,13 +93,12 @@ def base_analyze_config() -> ml_collections.ConfigDict:
     c.difficulty = ml_collections.ConfigDict()
     c.difficulty.examples_per_class = 5
     c.difficulty.plot_classes = 2
-    # ddistance: eq. 4.31 against other runs, "label=DIR[@CONFIG[#key=value,...]];..." (DIR may hold
-    # {seed} and globs; missing runs are trained with CONFIG). source / against_source: "" = training
-    # difficulty, else a train.instance_eval source such as "test:pgd" (Table 4.4).
+    # ddistance: eq. 4.31 against other runs, "label=DIR[!SOURCE][@CONFIG[#key=value,...]];..." (DIR
+    # may hold {seed} and globs; missing runs are trained with CONFIG). source (this run) / !SOURCE: ""
+    # = training difficulty, else a train.instance_eval source such as "test:pgd" (Table 4.4).
     c.ddistance = ml_collections.ConfigDict()
     c.ddistance.against = ""
     c.ddistance.source = ""
-    c.ddistance.against_source = ""
     c.ddistance.twins = ""  # labels whose entry naming this run compares with a twin (seed + offset)
     c.ddistance.twin_seed_offset = 100
     # lipschitz: AutoLip / SeqLip (Scaman & Virmaux 2018) averaged over runs (Table 4.5: 20).

@@ -4,10 +4,10 @@
   correlation of the loss-based and the 0-1-error-based difficulty (Fig. 4.15), per-class means, the
   easiest / hardest instances of every class (Fig. 4.16; their images in the plot);
 - ``ddistance``: eq. 4.31 between this run's difficulty and other runs' (Tables 4.3 and 4.4),
-  ``ddistance.against = "label=DIR[@CONFIG[#key=value,...]];..."``: each DIR a run (``{seed}`` = this
-  run's seed; a glob matches several runs, this one excluded, and their distances are averaged),
-  trained first with CONFIG (``configs/x.py:arg``, overrides after ``#``) when its difficulty is
-  missing; ``ddistance.source`` / ``ddistance.against_source`` pick a per-instance evaluation source
+  ``ddistance.against = "label=DIR[!SOURCE][@CONFIG[#key=value,...]];..."``: each DIR a run (``{seed}``
+  = this run's seed; a glob matches several runs, this one excluded, and their distances are
+  averaged), trained first with CONFIG (``configs/x.py:arg``, overrides after ``#``) when missing;
+  ``ddistance.source`` (this run) and ``!SOURCE`` (the other's) pick a per-instance evaluation source
   (``test:pgd``, ``cifar10_corrupted/fog_3@test:clean``...) instead of the training difficulty;
 - ``lipschitz``: AutoLip and SeqLip upper bounds averaged over ``lipschitz.runs`` runs (Table 4.5) and
   the gradient-norm lower estimate on test points (:mod:`jaxrobust.analysis.lipschitz`);
@@ -32,14 +32,20 @@ from jaxrobust.analysis.registry import register_analysis
 
 
 # ----------------------------------------------------------------------------- helpers
-def parse_runs(spec: str) -> List[Tuple[str, str, str, Dict[str, str]]]:
-    """``"label=DIR[@CONFIG[#k=v,...]];..."`` -> [(label, dir, config, overrides)]."""
+def parse_runs(spec: str, with_source: bool = False):
+    """``"label=DIR[!SOURCE][@CONFIG[#k=v,...]];..."`` -> [(label, dir, config, overrides)] (with
+    ``with_source``: [(label, dir, source, config, overrides)], SOURCE '' = the training
+    difficulty)."""
     out = []
     for part in [p.strip() for p in str(spec).split(";") if p.strip()]:
         label, sep, rest = part.partition("=")
         if not sep or not label or not rest:
-            raise ValueError(f"run entry {part!r}: expected 'label=DIR[@CONFIG[#key=value,...]]'.")
-        where, _, cfg = rest.partition("@")
+            raise ValueError(f"run entry {part!r}: expected 'label=DIR[!SOURCE][@CONFIG[#key=value,...]]'.")
+        # the CONFIG (a .py file) follows the last '@' (a SOURCE may hold '@' itself)
+        where, at, cfg = rest.rpartition("@")
+        if not at or ".py" not in cfg:
+            where, cfg = rest, ""
+        where, _, source = where.partition("!")
         cfg, _, over = cfg.partition("#")
         overrides = {}
         for kv in [s for s in over.split(",") if s]:
@@ -47,7 +53,10 @@ def parse_runs(spec: str) -> List[Tuple[str, str, str, Dict[str, str]]]:
             if not s2:
                 raise ValueError(f"override {kv!r} in {part!r}: expected key=value.")
             overrides[k.strip()] = v.strip()
-        out.append((label.strip(), where.strip(), cfg.strip(), overrides))
+        if with_source:
+            out.append((label.strip(), where.strip(), source.strip(), cfg.strip(), overrides))
+        else:
+            out.append((label.strip(), where.strip(), cfg.strip(), overrides))
     return out
 
 
@@ -81,31 +90,33 @@ def _train_missing(path: str, config_ref: str, overrides: Dict[str, str], need: 
     train(cfg, path)
 
 
-def _load_runs(ctx, spec: str, need_file: str, twins=(), twin_offset: int = 100
-               ) -> Dict[str, List[str]]:
-    """The runs of ``spec`` (see the module docstring). An entry naming this run itself is replaced by
-    its twin ``<workdir>_twin`` (the same CONFIG with seed + ``twin_offset``, trained when missing)
-    when its label is in ``twins``, and left out otherwise (no distance of a run to itself)."""
+def _load_runs(ctx, spec: str, need_file: str, twins=(), twin_offset: int = 100):
+    """The runs of ``spec`` (see the module docstring): {label: [(dir, source), ...]}. An entry naming
+    this run itself with the training difficulty is replaced by its twin ``<workdir>_twin`` (the same
+    CONFIG with seed + ``twin_offset``, trained when missing) when its label is in ``twins``, and left
+    out otherwise (no distance of a difficulty function to itself)."""
     seed = _run_seed(ctx.workdir)
     me = os.path.realpath(ctx.workdir)
     runs = {}
-    for label, where, cfg, over in parse_runs(spec):
+    for label, where, source, cfg, over in parse_runs(spec, with_source=True):
         where = where.replace("{seed}", str(seed))
         if not os.path.isabs(where):
             where = os.path.normpath(os.path.join(ctx.workdir, where))
+        need = need_file if not source else "summary.json"
         if any(ch in where for ch in "*?["):
             dirs = sorted(d for d in glob.glob(where) if os.path.realpath(d) != me)
-        elif os.path.realpath(where) == me:
+        elif os.path.realpath(where) == me and source == ctx.cfg.ddistance.source:
             if label not in twins:
                 runs[label] = []
                 continue
             where = os.path.normpath(ctx.workdir) + "_twin"
-            _train_missing(where, cfg, {**over, "seed": str(seed + int(twin_offset))}, need_file)
+            _train_missing(where, cfg, {**over, "seed": str(seed + int(twin_offset))}, need)
             dirs = [where]
         else:
-            _train_missing(where, cfg, over, need_file)
+            if os.path.realpath(where) != me:
+                _train_missing(where, cfg, over, need)
             dirs = [where]
-        runs[label] = dirs
+        runs[label] = [(d, source) for d in dirs]
     return runs
 
 
@@ -189,16 +200,14 @@ def plot_difficulty(result, path, cfg):
 def run_ddistance(ctx) -> dict:
     cfg = ctx.cfg.ddistance
     mine = _difficulty_of(ctx.workdir, cfg.source)
-    need = D.DIFFICULTY_FILE if not cfg.against_source else "summary.json"
     twins = [t.strip() for t in cfg.twins.split(",") if t.strip()]
-    runs = _load_runs(ctx, cfg.against, need, twins, cfg.twin_seed_offset)
-    src = cfg.against_source if cfg.against_source else ""
+    runs = _load_runs(ctx, cfg.against, D.DIFFICULTY_FILE, twins, cfg.twin_seed_offset)
     out, per_run = {}, {}
-    for label, dirs in runs.items():
-        vals = [D.d_distance(mine, _difficulty_of(d, src)) for d in dirs]
-        per_run[label] = dict(zip(dirs, vals))
+    for label, entries in runs.items():
+        vals = [D.d_distance(mine, _difficulty_of(d, src)) for d, src in entries]
+        per_run[label] = {f"{d}!{src}" if src else d: v for (d, src), v in zip(entries, vals)}
         out[label] = float(np.mean(vals)) if vals else None
-    return {"distances": out, "per_run": per_run, "source": cfg.source, "against_source": src,
+    return {"distances": out, "per_run": per_run, "source": cfg.source,
             "instances": int(np.isfinite(mine).sum())}
 
 
