@@ -7,11 +7,12 @@ and the Lipschitz upper bound of the trained models.
 
 A run argument ``<dataset>_<easy|random|hard|reference>[,smoke]`` is the run of configs/subsets.py; the
 row-set argument ``<dataset>`` (fashion_mnist, mnist5k, cifar10) trains the reference run (PGD-AT on
-the whole set, difficulty tracked, G0..G9 recorded), then the three subsets ranked by its difficulty,
-and analyses each: ``analysis/overfitting.json`` (best / last PGD accuracy of the periodic test
-evaluations) and ``analysis/lipschitz.json`` (AutoLip averaged over 20 runs as the thesis, SeqLip over
-5 runs of 2 pattern searches per layer pair; the gradient-norm lower estimate), ``analysis/groups.json`` and ``analysis/difficulty.json``
-on the reference run. Use the same --workdir for tables 4.3, 4.5, 4.6 and 4.7: their rows share runs
+the whole set, difficulty tracked), then the three subsets ranked by its difficulty, and analyses
+each: ``analysis/overfitting.json`` (best / last PGD accuracy of the periodic test evaluations) and
+``analysis/lipschitz.json`` (AutoLip averaged over 20 runs as the thesis, SeqLip over 5 runs of 2
+pattern searches per layer pair; the gradient-norm lower estimate); ``analysis/difficulty.json`` on
+the reference run and ``analysis/groups.json`` (G0..G9 of the reference's difficulty over the
+random-subset run, Fig. 4.21) on ``random``. Use the same --workdir for tables 4.3, 4.5, 4.6 and 4.7: their rows share runs
 (``random`` is the PGD-AT baseline of 4.6 and the pre-trained model of 4.7).
 """
 from configs import subsets
@@ -65,11 +66,13 @@ def rowset(ds: str):
                ". The thesis gives the robust overfitting of the subsets as curves (Fig. 4.17): no "
                "overfitting on the easy subset, more on the hard one."))
     reproduce_row(c, "reference", f"configs/subsets.py:{ds}_reference", label="reference (all)",
-                  steps="difficulty,groups")
+                  steps="difficulty")
     for kind in ("easy", "random", "hard"):
+        over = ("data.subset.reference={root}/reference/s{seed}",)
+        if kind == "random":
+            over += ("train.instance_eval.groups_reference={root}/reference/s{seed}",)
         reproduce_row(c, kind, f"configs/subsets.py:{ds}_{kind}", label=f"{kind.capitalize()}{size}",
-                      overrides=("data.subset.reference={root}/reference/s{seed}",),
-                      steps="gap,lip")
+                      overrides=over, steps="gap,lip,groups" if kind == "random" else "gap,lip")
     reproduce_step(c, "gap", "analyze", "configs/analyze/overfitting.py", "analysis/overfitting.json",
                    overrides=("overfitting.others=easy={root}/easy/s{seed};random={root}/random/s{seed};"
                               "hard={root}/hard/s{seed}",))
@@ -77,7 +80,8 @@ def rowset(ds: str):
                    overrides=("lipschitz.runs=20", "lipschitz.seqlip_runs=5", "lipschitz.restarts=2"))
     reproduce_step(c, "difficulty", "analyze", "configs/analyze/difficulty.py",
                    "analysis/difficulty.json")
-    reproduce_step(c, "groups", "analyze", "configs/analyze/groups.py", "analysis/groups.json")
+    reproduce_step(c, "groups", "analyze", "configs/analyze/groups.py", "analysis/groups.json",
+                   overrides=("groups.reference={root}/reference/s{seed}",))
     return c
 
 

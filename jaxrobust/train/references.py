@@ -71,6 +71,9 @@ def prepare_references(config, workdir: Optional[str]):
             raise ValueError(f"data.subset.kind={sub.kind!r} needs data.subset.reference.")
         ensure_trained(sub.reference, sub.reference_config, need="difficulty.npy",
                        track_difficulty=True, what="subset's reference run")
+    ie = config.train.instance_eval
+    if ie.groups_reference and workdir:
+        ie.groups_reference = resolve_path(ie.groups_reference, workdir)
     t = config.train
     if t.init_from and workdir:
         t.init_from = resolve_path(t.init_from, workdir)
