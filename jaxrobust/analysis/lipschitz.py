@@ -170,28 +170,48 @@ def linear_maps(model, variables, seg: Segment, input_shape):
 def spectral_norm(lin, lin_t, in_shape, key, iters: int = 200) -> float:
     """Largest singular value of the linear map ``lin`` by ``iters`` power iterations on ``linᵀ lin``
     from a random start (one jitted loop)."""
-    v = jax.random.normal(key, tuple(in_shape), jnp.float32)
+    return float(_power_loop(lin, lin_t, jax.random.normal(key, tuple(in_shape), jnp.float32),
+                             int(iters)))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 3))
+def _power_loop(lin, lin_t, v, iters):
+    def body(_, v):
+        v = v / jnp.maximum(jnp.linalg.norm(v), 1e-30)
+        return lin_t(lin(v))
+    v = jax.lax.fori_loop(0, iters, body, v)
+    v = v / jnp.maximum(jnp.linalg.norm(v), 1e-30)
+    return jnp.linalg.norm(lin(v))
+
+
+def segment_norm_fn(model, seg: Segment, input_shape, iters: int = 200) -> Callable:
+    """A jitted ``(variables, key) -> ‖M‖₂`` of a segment: the segment is linearised inside, so the
+    weights are arguments (one compilation per segment, reused across runs and checkpoints)."""
+    z0 = jnp.zeros(seg.in_shape, jnp.float32)
 
     @jax.jit
-    def run(v):
+    def run(variables, key):
+        f = segment_fn(model, variables, seg, input_shape)
+        _, lin = jax.linearize(lambda z: f(z[None])[0], z0)
+        lin_t = jax.linear_transpose(lin, z0)
+        adj = lambda y: lin_t(y)[0]
+
         def body(_, v):
             v = v / jnp.maximum(jnp.linalg.norm(v), 1e-30)
-            return lin_t(lin(v))
-        v = jax.lax.fori_loop(0, int(iters), body, v)
+            return adj(lin(v))
+        v = jax.lax.fori_loop(0, int(iters), body, jax.random.normal(key, seg.in_shape, jnp.float32))
         v = v / jnp.maximum(jnp.linalg.norm(v), 1e-30)
         return jnp.linalg.norm(lin(v))
 
-    return float(run(v))
+    return run
 
 
 def autolip(model, variables, input_shape, key, *, iters: int = 200,
             segments: Optional[List[Segment]] = None) -> Dict[str, Any]:
     """AutoLip: ``Π_k ‖M_k‖₂ · Π slope(a)``. Returns ``{'bound', 'spectral_norms', 'segments'}``."""
     segs = segments or extract_segments(model, variables, input_shape)
-    norms = []
-    for i, seg in enumerate(segs):
-        lin, lin_t = linear_maps(model, variables, seg, input_shape)
-        norms.append(spectral_norm(lin, lin_t, seg.in_shape, jax.random.fold_in(key, i), iters))
+    norms = [float(segment_norm_fn(model, seg, input_shape, iters)(variables, jax.random.fold_in(key, i)))
+             for i, seg in enumerate(segs)]
     slopes = [ACTIVATION_SLOPES[s.activation] for s in segs[:-1]]
     return {"bound": float(np.prod(norms) * np.prod(slopes)), "spectral_norms": norms,
             "segments": [" ".join(s.names) for s in segs]}
@@ -319,12 +339,11 @@ def lipschitz_bounds(model, variables, input_shape, key, *, runs: int = 20, iter
     t0 = time.time()
     if "autolip" in methods:
         vals, norms = [], None
-        maps = [linear_maps(model, variables, s, input_shape) for s in segs]
+        fns = [segment_norm_fn(model, s, input_shape, iters) for s in segs]
         slopes = float(np.prod([ACTIVATION_SLOPES[s.activation] for s in segs[:-1]]))
         for r in range(runs):
             k = jax.random.fold_in(key, r)
-            ns = [spectral_norm(l, lt, s.in_shape, jax.random.fold_in(k, i), iters)
-                  for i, ((l, lt), s) in enumerate(zip(maps, segs))]
+            ns = [float(f(variables, jax.random.fold_in(k, i))) for i, f in enumerate(fns)]
             vals.append(float(np.prod(ns)) * slopes)
             norms = ns if norms is None else [max(a, b) for a, b in zip(norms, ns)]
             if progress:
@@ -362,8 +381,8 @@ class _SVDCache:
                 self.norms.append(float(S[0]))
             else:
                 self.svd.append(None)
-                l, lt = linear_maps(model, variables, s, input_shape)
-                self.norms.append(spectral_norm(l, lt, s.in_shape, jax.random.PRNGKey(i), 500))
+                self.norms.append(float(segment_norm_fn(model, s, input_shape, 500)(
+                    variables, jax.random.PRNGKey(i))))
 
     def seqlip(self, key, restarts):
         segs, K = self.segs, len(self.segs)
@@ -393,6 +412,7 @@ def _stats(vals):
             "min": float(v.min()), "max": float(v.max()), "values": [float(a) for a in v]}
 
 
-__all__ = ["Segment", "extract_segments", "segment_fn", "linear_maps", "spectral_norm", "autolip",
+__all__ = ["Segment", "extract_segments", "segment_fn", "linear_maps", "spectral_norm",
+           "segment_norm_fn", "autolip",
            "dense_matrix", "max_pattern_norm", "exact_pattern_norm", "seqlip", "gradient_norm_estimate",
            "lipschitz_bounds", "ACTIVATION_SLOPES"]
