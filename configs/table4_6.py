@@ -12,7 +12,7 @@ step ε/2), ``atta_rw`` (Alg. 4.1's reweighting on ATTA: the thesis's "Reweighti
 ρ = 0.9, β = 0.1, 5 warm-up epochs of fixed targets (the thesis: 5 of 38).
 
 On fashion_mnist and mnist5k every run trains on configs/subsets.py's ``<dataset>_random`` subset
-(5,000 fashion_mnist examples, 30 epochs: the regime where robust overfitting shows on a 2-core CPU)
+(5,000 fashion_mnist examples, 20 epochs: the regime where robust overfitting shows on a 2-core CPU)
 and the row set's PGD-AT row is that run (``random``, shared with Tables 4.3, 4.5 and 4.7).
 cifar10 follows the thesis (the whole training set, ATTA's 38-epoch schedule with lr 0.1 / 0.01 /
 0.001 at epochs 30 / 36; WideResNet-34 in the thesis, ResNet-18 here; mock-tested only).
