@@ -182,6 +182,47 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.attack.restarts = 1
     c.eval.attack.random_start = True
     c.eval.attack.loss = "ce"
+
+    # Robust overfitting toolkit (thesis §4.3; owner "overfit"): instance difficulty (eq. 4.30) tracked
+    # at no extra forward pass (jaxrobust/train/difficulty.py), periodic per-instance evaluations and
+    # groups G0..G9, easy/random/hard subsets and extra data (jaxrobust/data/subsets.py), fine-tuning
+    # from a pre-trained run (jaxrobust/train/references.py), IAT / SAT / Alg. 4.1 (train/reweight.py).
+    c.train.difficulty = ml_collections.ConfigDict()
+    c.train.difficulty.enabled = False  # RUN/difficulty.npy, instance_stats.npz, difficulty.json
+    c.train.instance_eval = ml_collections.ConfigDict()
+    c.train.instance_eval.sources = ()  # "[dataset@]split:clean|fgsm|pgd", e.g. ("train:pgd", "test:clean")
+    c.train.instance_eval.every_epochs = 1.0
+    c.train.instance_eval.num_examples = -1  # per source, a seeded subset (<= 0: the whole split)
+    c.train.instance_eval.seed = 0
+    c.train.instance_eval.groups_reference = ""  # run whose difficulty.npy defines G0..G9 (groups.jsonl)
+    c.train.init_from = ""  # workdir of a pre-trained run (relative: to this workdir) to start from
+    c.train.init_from_config = ""  # its config (configs/x.py:arg): trained first when missing
+    c.data.subset = ml_collections.ConfigDict()
+    c.data.subset.kind = ""  # "" (whole set) | easy | random | hard
+    c.data.subset.size = 0
+    c.data.subset.reference = ""  # workdir of the run whose difficulty ranks the examples (relative: to this workdir)
+    c.data.subset.reference_config = ""  # its config (configs/x.py:arg): trained first when missing
+    c.data.subset.class_balanced = True  # the thesis's "easiest 1000 of each class"
+    c.data.subset.seed = 0  # 'random' subsets
+    c.data.extra = ml_collections.ConfigDict()
+    c.data.extra.source = ""  # "" | "rest" (what data.subset left out) | a dataset name: half of every batch
+    c.data.extra.split = "train"
+    c.data.extra.size = -1  # <= 0: all of it (a seeded subset otherwise)
+    c.data.extra.seed = 0
+    c.objective.rw = ml_collections.ConfigDict()  # at_rw / atta_rw: Alg. 4.1; finetuning: RW + KL
+    c.objective.rw.reweight = True  # w_i = softmax(f(x'_i))_{y_i}, normalised over the batch
+    c.objective.rw.rho = 0.9  # moving-average momentum of the adaptive target t~ (1 = never updated)
+    c.objective.rw.beta = 0.1  # t = β·1_y + (1 − β)·t~ (1 = one-hot targets)
+    c.objective.rw.warmup_epochs = 5.0  # one-hot targets before (t~ is updated meanwhile)
+    c.objective.rw.kl_lambda = 0.0  # λ of the KL(o‖o') term (Table 4.7: 6)
+    c.objective.iat = ml_collections.ConfigDict()  # iat: Balaji et al. 2019 instance-adaptive ε
+    c.objective.iat.gamma = 0.25  # step of ε_i, as a fraction of threat.eps (1.9/255 at 8/255)
+    c.objective.iat.beta = 0.5  # ε_i ← β ε_i + (1 − β) ε_i^new
+    c.objective.iat.warmup_epochs = 5.0  # uniform ε before
+    c.objective.iat.init_fraction = 1.0  # ε_i at the end of the warm-up (fraction of threat.eps)
+    c.objective.sat = ml_collections.ConfigDict()  # sat: Huang et al. 2020 self-adaptive training
+    c.objective.sat.momentum = 0.9  # t_i ← α t_i + (1 − α) softmax(f(x_i))
+    c.objective.sat.warmup_epochs = 5.0  # E_s: one-hot targets and no update before
     return c
 
 

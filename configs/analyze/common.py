@@ -87,6 +87,40 @@ def base_analyze_config() -> ml_collections.ConfigDict:
     c.connectivity.test_split = "test"
     c.connectivity.test_examples = 1000
     c.connectivity.robust = True  # also the adversarial loss / error along the paths
+
+    # Robust overfitting (thesis §4.3; owner "overfit"; jaxrobust/analysis/overfitting.py).
+    # difficulty: eq. 4.30 of the run (RUN/difficulty.npy), Fig. 4.15's correlation, Fig. 4.16's examples.
+    c.difficulty = ml_collections.ConfigDict()
+    c.difficulty.examples_per_class = 5
+    c.difficulty.plot_classes = 2
+    # ddistance: eq. 4.31 against other runs, "label=DIR[!SOURCE][@CONFIG[#key=value,...]];..." (DIR
+    # may hold {seed} and globs; missing runs are trained with CONFIG). source (this run) / !SOURCE: ""
+    # = training difficulty, else a train.instance_eval source such as "test:pgd" (Table 4.4).
+    c.ddistance = ml_collections.ConfigDict()
+    c.ddistance.against = ""
+    c.ddistance.source = ""
+    c.ddistance.twins = ""  # labels whose entry naming this run compares with a twin (seed + offset)
+    c.ddistance.twin_seed_offset = 100
+    # lipschitz: AutoLip / SeqLip (Scaman & Virmaux 2018) averaged over runs (Table 4.5: 20).
+    c.lipschitz = ml_collections.ConfigDict()
+    c.lipschitz.runs = 20
+    c.lipschitz.seqlip_runs = -1  # <= 0: runs
+    c.lipschitz.methods = "autolip,seqlip"
+    c.lipschitz.power_iters = 200
+    c.lipschitz.restarts = 4  # SeqLip activation-pattern searches per pair and run
+    c.lipschitz.max_dense = 8192  # wider segments fall back to their AutoLip factor in SeqLip
+    c.lipschitz.gradient_examples = 500  # points of the gradient-norm lower estimate (data.split)
+    # groups: G0..G9 curves (Fig. 4.21) from train.instance_eval sources; reference "" = this run.
+    c.groups = ml_collections.ConfigDict()
+    c.groups.sources = "train:clean,train:pgd"
+    c.groups.reference = ""
+    c.groups.show = "0,3,6,9"
+    # overfitting: best vs last robust test accuracy of the periodic evaluations, learning curves.
+    c.overfitting = ml_collections.ConfigDict()
+    c.overfitting.split = "test"
+    c.overfitting.key = "pgd_accuracy"
+    c.overfitting.others = ""  # "label=DIR;..." overlaid in the plot
+    c.overfitting.label = ""
     return c
 
 
@@ -102,6 +136,8 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str) -> ml_collections.Conf
         c.similarity.num_examples, c.similarity.gradient_examples = 32, 8
         c.similarity.offsets = "0.0,0.05"
         c.connectivity.points, c.connectivity.test_examples = 5, 64
+        c.lipschitz.runs, c.lipschitz.power_iters, c.lipschitz.restarts = 2, 30, 2
+        c.lipschitz.gradient_examples = 32
     elif arg:
         raise ValueError(f"Unknown config variant {arg!r}; expected '' or 'smoke'.")
     return c

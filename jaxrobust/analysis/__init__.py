@@ -53,6 +53,7 @@ def settings_of(cfg) -> dict:
 
 # Built-in analyses register themselves on import.
 from jaxrobust.analysis import hessian  # noqa: E402,F401  (hessian, density)
+from jaxrobust.analysis import overfitting  # noqa: E402,F401  (difficulty, ddistance, lipschitz, groups, overfitting)
 
 __all__ = ["Analysis", "AnalysisContext", "register_analysis", "get_analysis", "list_analyses",
            "apply_fn_of", "to_jsonable", "validate_common", "settings_of"]

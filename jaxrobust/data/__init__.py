@@ -120,7 +120,9 @@ def batch_iterator(split: Split, batch_size: int, *, shuffle: bool, seed: int = 
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}.")
     n = len(split)
-    order = epoch_order(n, seed, epoch, shuffle)
+    # a split may order its own epochs (data.extra's half-and-half batches, jaxrobust.data.subsets)
+    custom = getattr(split, "epoch_order", None)
+    order = custom(seed, epoch, shuffle) if custom is not None else epoch_order(n, seed, epoch, shuffle)
     nb = num_batches(n, batch_size, drop_remainder)
     pc, pi = jax.process_count(), jax.process_index()
     if batch_size % pc:

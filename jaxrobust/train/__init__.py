@@ -7,6 +7,7 @@ from jaxrobust.train.objectives import (Objective, ObjectiveContext, ObjectiveOu
 from jaxrobust.train import adversarial  # noqa: F401  (registers trades, mart, awp, awp_at, awp_trades)
 from jaxrobust.train import certified  # noqa: F401  (registers plain, at, kw, ibp, crown_ibp, mmr*, [li]per*, sabr, mtl_ibp)
 from jaxrobust.train import fast_at  # noqa: F401  (registers at, fgsm_rs, fgsm_ga, nfgsm, atta, atas, free, yopo)
+from jaxrobust.train import reweight  # noqa: F401  (registers at_rw, atta_rw, iat, sat)
 from jaxrobust.train.schedules import make_scalar_schedule
 from jaxrobust.train.state import TrainState
 

@@ -47,7 +47,7 @@ import optax
 from jaxrobust.attacks.common import steepest_ascent_step
 from jaxrobust.models import forward_train, make_logits_fn
 from jaxrobust.train.objectives import (Objective, ObjectiveContext, ObjectiveOutput, ce_and_accuracy,
-                                        masked_mean, pgd_points, register, with_ema)
+                                        masked_mean, per_example_ce, pgd_points, register, with_ema)
 
 AWP_EPS = 1e-20  # the reference AWP code's guard against a zero gradient norm
 START_NOISE = 1e-3  # TRADES / MART start: x + 0.001·N(0, I)
@@ -154,7 +154,8 @@ def at_loss_on_points(ctx, params, model_state, batch, x_adv, step):
     """PGD-AT's outer loss (thesis eq. 4.1): masked mean CE of f(x'). Returns (loss, state, metrics)."""
     logits, new_state = forward_train(ctx.model, params, model_state, x_adv)
     loss, acc = ce_and_accuracy(logits, batch["label"], batch["mask"])
-    return loss, new_state, {"loss": loss, "adv_accuracy": acc}
+    return loss, new_state, {"loss": loss, "adv_accuracy": acc,
+                             "per_example": per_example_ce(logits, batch["label"])}
 
 
 def trades_loss_on_points(ctx, params, model_state, batch, x_adv, step):
@@ -169,7 +170,7 @@ def trades_loss_on_points(ctx, params, model_state, batch, x_adv, step):
     loss = ce + beta * kl
     adv_acc = masked_mean((jnp.argmax(logits_adv, -1) == y).astype(jnp.float32), mask)
     return loss, state, {"loss": loss, "ce": ce, "kl": kl, "beta": beta, "accuracy": acc,
-                         "adv_accuracy": adv_acc}
+                         "adv_accuracy": adv_acc, "per_example": per_example_ce(logits_adv, y)}
 
 
 def mart_loss_on_points(ctx, params, model_state, batch, x_adv, step):
@@ -196,7 +197,7 @@ def mart_loss_on_points(ctx, params, model_state, batch, x_adv, step):
     acc = masked_mean((jnp.argmax(logits, -1) == y).astype(jnp.float32), mask)
     adv_acc = masked_mean((jnp.argmax(logits_adv, -1) == y).astype(jnp.float32), mask)
     return loss, state, {"loss": loss, "bce": bce_m, "kl": kl_m, "beta": beta, "accuracy": acc,
-                         "adv_accuracy": adv_acc}
+                         "adv_accuracy": adv_acc, "per_example": per_example_ce(logits_adv, y)}
 
 
 def _pgd_at_points(ctx, params, model_state, batch, key, step):
@@ -236,7 +237,8 @@ def method_loss(name: str) -> Callable:
         ctx = clipped_context(ctx)
         x_adv, eps = points(ctx, params, model_state, batch, key, step)
         value, state, metrics = loss_on(ctx, params, model_state, batch, x_adv, step)
-        return value, ObjectiveOutput(state, {}, {**metrics, "eps": eps})
+        per_example = metrics.pop("per_example", {})  # adversarial CE / correctness (eq. 4.30)
+        return value, ObjectiveOutput(state, {}, {**metrics, "eps": eps}, per_example)
 
     loss.__name__ = f"{name}_loss"
     loss.__doc__ = f"{name}: see :func:`{loss_on.__name__}`."
@@ -283,9 +285,10 @@ def awp_loss(base: Optional[str] = None) -> Callable:
                              params, gamma)
         perturbed = jax.tree.map(jnp.add, params, v)
         value, state, metrics = loss_on(ctx, perturbed, model_state, batch, x_adv, step)
+        per_example = metrics.pop("per_example", {})
         v_norm = optax.global_norm(v)
         return value, ObjectiveOutput(state, {}, {**metrics, "eps": eps, "awp_gamma": gamma,
-                                                  "awp_norm": v_norm})
+                                                  "awp_norm": v_norm}, per_example)
 
     loss.__name__ = f"awp_{base or 'config'}_loss"
     return loss

@@ -59,7 +59,7 @@ from jaxrobust.attacks.common import steepest_ascent_step
 from jaxrobust.data.augment import apply_crop_flip, invert_crop_flip
 from jaxrobust.models import forward_train, make_logits_fn
 from jaxrobust.train.objectives import (Objective, ObjectiveOutput, ce_and_accuracy, get_objective,
-                                        masked_mean, register)
+                                        masked_mean, per_example_ce, register)
 
 AUGMENT_PAD = 4  # the loop's crop_flip padding (jaxrobust.train.loop.AUGMENT_PAD)
 CACHE_DTYPES = ("float32", "bfloat16")
@@ -115,7 +115,8 @@ def _train_on(ctx, params, model_state, batch, x_adv, metrics, instance_updates=
     logits, new_state = forward_train(ctx.model, params, model_state, x_adv)
     loss, acc = ce_and_accuracy(logits, batch["label"], batch["mask"])
     return loss, ObjectiveOutput(new_state, instance_updates or {},
-                                 {"loss": loss, "adv_accuracy": acc, **metrics})
+                                 {"loss": loss, "adv_accuracy": acc, **metrics},
+                                 per_example_ce(logits, batch["label"]))
 
 
 def _tree_vdot(a, b):

@@ -34,9 +34,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from configs.common import with_defaults
 from jaxrobust import attacks, data as jdata, models as jmodels
 from jaxrobust.data import augment as jaug
+from jaxrobust.data import subsets as jsubsets
 from jaxrobust.threat import ThreatModel
+from jaxrobust.train import difficulty as jdiff
 from jaxrobust.train import objectives as jobj
 from jaxrobust.train import pas as jpas
+from jaxrobust.train import references as jrefs
 from jaxrobust.train.checkpoint import Checkpointer
 from jaxrobust.train.metrics import MetricWriter, Progress, round_floats
 from jaxrobust.train.monitors import monitors_from_config
@@ -53,8 +56,12 @@ INSTANCE_ROW_MULTIPLE = 1024
 # ----------------------------------------------------------------------------- building blocks
 def build_dataset(config):
     d = config.data
-    return jdata.load_dataset(d.name, data_dir=d.data_dir or None, val_fraction=d.val_fraction,
-                              seed=d.split_seed, pixel_range=tuple(d.pixel_range))
+    ds = jdata.load_dataset(d.name, data_dir=d.data_dir or None, val_fraction=d.val_fraction,
+                            seed=d.split_seed, pixel_range=tuple(d.pixel_range))
+    # data.subset (easy/random/hard by a reference run's difficulty) and data.extra (half-and-half
+    # batches with a second source): jaxrobust/data/subsets.py
+    return jsubsets.apply_data_options(ds, d, lambda name, split: jdata.load_dataset(
+        name, data_dir=d.data_dir or None, pixel_range=tuple(d.pixel_range)).split(split))
 
 
 def build_model(config, info):
@@ -180,12 +187,19 @@ def build_run(config) -> RunSetup:
         objective.validate(config.objective)
     if config.objective.ema_decay > 0:
         objective = jobj.with_ema(objective, config.objective.ema_decay)
+    if config.train.difficulty.enabled:  # eq. 4.30 sums in extra['instance'] (train/difficulty.py)
+        objective = jdiff.with_difficulty(objective)
     ctx = jobj.ObjectiveContext(model=model, threat=threat,
                                 schedules=build_schedules(config, total, steps_per_epoch, objective),
                                 cfg=config.objective, num_classes=info.num_classes, n_train=train_size,
                                 steps_per_epoch=steps_per_epoch)
-    params_shape = jax.eval_shape(lambda: jmodels.init_variables(
-        model, jax.random.PRNGKey(0), info.image_shape))["params"]
+    variables_shape = jax.eval_shape(lambda: jmodels.init_variables(
+        model, jax.random.PRNGKey(0), info.image_shape))
+    params_shape = variables_shape["params"]
+    if config.train.difficulty.enabled:
+        jdiff.check_difficulty_support(config, objective, ctx, params_shape,
+                                       {k: v for k, v in variables_shape.items() if k != "params"},
+                                       info.image_shape, num_indices)
     # The optimizer counts updates: replays (Free AT) make several per step.
     m = objective.replays(config.objective) if callable(objective.replays) else objective.replays
     objective = dataclasses.replace(objective, replays=int(m))
@@ -378,6 +392,7 @@ def validate_config(config):
                          f"{jax.device_count()} devices.")
     if config.threat.eps < 0:
         raise ValueError(f"threat.eps must be >= 0, got {config.threat.eps}.")
+    jsubsets.validate_data_options(config.data)
     d = config.objective.ema_decay
     if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
         raise ValueError(f"objective.ema_decay must be a number in [0, 1) (0 = no EMA), got {d!r}.")
@@ -394,14 +409,20 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     config = with_defaults(config)
     if config.distributed:
         _initialize_distributed()
+    # a data.subset's reference run / train.init_from's pre-trained run: paths resolved against
+    # workdir, trained first when missing (jaxrobust/train/references.py)
+    jsubsets.validate_data_options(config.data)
+    config = jrefs.prepare_references(config, workdir)
     setup = build_run(config)
     ds, threat, model = setup.dataset, setup.threat, setup.model
     train_split = ds.split("train")
     bs, steps_per_epoch, total = config.data.batch_size, setup.steps_per_epoch, setup.total_steps
 
     # The catastrophic-overfitting monitor (train.monitor.*) is a callback like any other.
-    monitors = monitors_from_config(config, workdir, setup)
-    monitors = [*monitors, *jpas.callbacks(config, workdir, setup)]  # PAS period-end checkpoints
+    # and so are PAS period-end checkpoints and the difficulty files / per-instance evaluations.
+    monitors = [*monitors_from_config(config, workdir, setup),
+                *jpas.callbacks(config, workdir, setup),
+                *jdiff.callbacks_from_config(config, workdir, setup)]
     callbacks = [*callbacks, *monitors]
     # config.json only once everything above accepted the config; refuses a changed run (workdir.py).
     prepare_workdir(config, workdir)
@@ -416,6 +437,9 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         restored = ckpt.restore(state.checkpoint_tree())
         state = state.from_checkpoint_tree(restored)
         print(f"Resumed from step {int(state.step)} in {ckpt.directory}", flush=True)
+    elif config.train.init_from:  # fine-tuning: weights (and BN statistics) of a pre-trained run
+        state = jrefs.init_state_from(state, config.train.init_from)
+        print(f"Initialised from {config.train.init_from}", flush=True)
     state = jax.device_put(state, shardings)
 
     traces: Dict[str, int] = {}

@@ -55,10 +55,14 @@ _OBJECTIVES: Dict[str, "Objective"] = {}
 
 
 class ObjectiveOutput(NamedTuple):
-    """What an objective's loss returns besides the loss value."""
+    """What an objective's loss returns besides the loss value. ``per_example`` (optional): this
+    batch's per-example ``{'loss': (B,), 'correct': (B,)}`` of the forward pass the objective trains on
+    (instance difficulty, thesis eq. 4.30, is tracked from it at no extra forward pass; see
+    :func:`per_example_ce`)."""
     model_state: Any
     instance_updates: Dict[str, jax.Array] = {}
     metrics: Dict[str, jax.Array] = {}
+    per_example: Dict[str, jax.Array] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,11 +147,20 @@ def ce_and_accuracy(logits, labels, mask):
     return masked_mean(ce, mask), masked_mean(acc, mask)
 
 
+def per_example_ce(logits, labels):
+    """``{'loss': CE (B,), 'correct': argmax == label (B,)}`` of a batch of logits (B, K), gradients
+    stopped: an objective's :attr:`ObjectiveOutput.per_example`."""
+    logits = jax.lax.stop_gradient(logits)
+    return {"loss": optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+            "correct": jnp.argmax(logits, -1) == labels}
+
+
 def standard_loss(ctx, params, model_state, extra, batch, key, step):
     """Empirical risk minimisation (clean cross-entropy)."""
     logits, new_state = forward_train(ctx.model, params, model_state, batch["image"])
     loss, acc = ce_and_accuracy(logits, batch["label"], batch["mask"])
-    return loss, ObjectiveOutput(new_state, {}, {"loss": loss, "accuracy": acc})
+    return loss, ObjectiveOutput(new_state, {}, {"loss": loss, "accuracy": acc},
+                                 per_example_ce(logits, batch["label"]))
 
 
 def pgd_points(ctx, params, model_state, batch, key, step):
@@ -173,7 +186,8 @@ def pgd_at_loss(ctx, params, model_state, extra, batch, key, step):
     x_adv, eps = pgd_points(ctx, params, model_state, batch, key, step)
     logits, new_state = forward_train(ctx.model, params, model_state, x_adv)
     loss, acc = ce_and_accuracy(logits, batch["label"], batch["mask"])
-    return loss, ObjectiveOutput(new_state, {}, {"loss": loss, "adv_accuracy": acc, "eps": eps})
+    return loss, ObjectiveOutput(new_state, {}, {"loss": loss, "adv_accuracy": acc, "eps": eps},
+                                 per_example_ce(logits, batch["label"]))
 
 
 # ----------------------------------------------------------------------------- EMA of the weights
@@ -253,5 +267,5 @@ register("pgd_at", Objective(init=None, loss=pgd_at_loss))
 
 
 __all__ = ["Objective", "ObjectiveOutput", "ObjectiveContext", "register", "get_objective",
-           "list_objectives", "masked_mean", "ce_and_accuracy", "pgd_points", "forward_train",
+           "list_objectives", "masked_mean", "ce_and_accuracy", "per_example_ce", "pgd_points", "forward_train",
            "make_logits_fn", "with_ema"]
