@@ -22,6 +22,7 @@ def base_eval_config() -> ml_collections.ConfigDict:
     c.n_target_classes = 9
     c.save_adversarial = False  # RUN/eval_adversarial.npz
     c.output = "eval.json"  # file written in RUN (several evaluations of one run: distinct names)
+    c.source = "checkpoint"  # or "export": the pruned sub-network's artifact in RUN/export/ (prune)
     c.resume = True  # resume from RUN/eval_state.npz if an earlier evaluation was interrupted
     return c
 
