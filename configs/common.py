@@ -90,6 +90,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.objective.certified.mmr_lambda = 0.5
     c.objective.certified.sabr_lambda = 0.4
     c.objective.certified.mtl_alpha = 0.5
+    # Shi et al. 2021 (ibp, crown_ibp, sabr, mtl_ibp): IBP initialisation of the hidden kernels, and the
+    # warm-up regularisers (bound tightness + ReLU balance) with weight warmup_reg·(1 - ε(t)/ε)
+    # (0 = off; their λ = 0.5) and tolerance τ = warmup_tol.
+    c.objective.certified.ibp_init = False
+    c.objective.certified.warmup_reg = 0.0
+    c.objective.certified.warmup_tol = 0.5
     # Fast AT (jaxrobust/train/fast_at.py, thesis §5.2): steps are fractions of ε.
     c.objective.fast = ml_collections.ConfigDict()
     c.objective.fast.fgsm_step = 1.25  # fgsm_rs: α = 1.25ε (Wong et al. 2020)
@@ -261,6 +267,7 @@ def reproduce_config(name: str, title: str = "", columns=(), seeds: str = "0",
     r.only = ""  # comma-separated row names: run only these
     r.dry_run = False  # print the commands instead of running them
     r.rows = ml_collections.ConfigDict()
+    r.order = ()  # row names in the order they were added (ConfigDict iterates its keys sorted)
     r.steps = ml_collections.ConfigDict()
     return c
 
@@ -277,6 +284,8 @@ def reproduce_row(c, name: str, train: str, *, label: str = "", thesis=(), overr
     row.overrides = tuple(overrides)
     row.steps = steps
     c.reproduce.rows[name] = row
+    if "order" in c.reproduce:
+        c.reproduce.order = tuple(n for n in c.reproduce.order if n != name) + (name,)
 
 
 def reproduce_step(c, name: str, entry: str, config: str, output: str, overrides=()) -> None:

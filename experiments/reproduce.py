@@ -270,7 +270,7 @@ def reproduce(config, workdir: str) -> Dict[str, Any]:
     validate(r)
     root = os.path.abspath(workdir)
     os.makedirs(root, exist_ok=True)
-    names = _as_list(r.only) or list(r.rows)
+    names = _as_list(r.only) or [n for n in r.get("order", ()) if n in r.rows] or list(r.rows)
     seeds = [int(s) for s in _as_list(r.seeds)] or [0]
     jobs = [(n, s) for n in names for s in seeds]
     per_seed: Dict[str, Dict[int, List[Optional[float]]]] = {}
