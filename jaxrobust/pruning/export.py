@@ -142,10 +142,11 @@ def export_subnet(model: SubNet, variables, input_shape, out_dir: str, *,
     arrays: Dict[str, np.ndarray] = {}
     layer_meta = []
     prunable = set()
+    masks = jax.jit(lambda s: [hard_mask(get_path(s, p), k) for (p, _), k in zip(layers, counts)])(scores)
     for i, ((path, shape), k) in enumerate(zip(layers, counts)):
         prunable.add(path)
         w = np.asarray(get_path(weights, path), np.float32)
-        mask = np.asarray(hard_mask(jnp.asarray(get_path(scores, path)), k))
+        mask = np.asarray(masks[i])
         kept = w[mask]
         arrays[f"L{i}.mask"] = np.packbits(mask.reshape(-1))
         mags = np.abs(kept)
@@ -184,13 +185,17 @@ def export_subnet(model: SubNet, variables, input_shape, out_dir: str, *,
                 "flops": table5_1_flops(model, input_shape, counts), **(extra or {})}
     dense = dense_fp32_bytes(model, input_shape)
     manifest["bytes"] = {"payload": payload, "dense_fp32": dense}
-    # the manifest's own size counts too: written once to measure it, then with the final numbers
-    for _ in range(3):
+    # the manifest counts its own size: the recorded size only grows until the text fits, and the
+    # text is padded with spaces (ignored by JSON) to exactly that size
+    b = manifest["bytes"]
+    b.update(manifest=0, total=0, dense_over_total=0.0)
+    for _ in range(20):
         text = json.dumps(manifest, indent=1, sort_keys=True)
-        total = payload + len(text.encode())
-        manifest["bytes"].update(manifest=len(text.encode()), total=total,
-                                 dense_over_total=dense / total)
-    text = json.dumps(manifest, indent=1, sort_keys=True)
+        size = len(text.encode())
+        if size <= b["manifest"]:
+            break
+        b.update(manifest=size, total=payload + size, dense_over_total=round(dense / (payload + size), 2))
+    text = text + " " * (manifest["bytes"]["manifest"] - len(text.encode()))
     with open(os.path.join(out_dir, MANIFEST + ".tmp"), "w") as f:
         f.write(text)
     os.replace(os.path.join(out_dir, MANIFEST + ".tmp"), os.path.join(out_dir, MANIFEST))
