@@ -262,6 +262,7 @@ def test_table5_1_flops_of_the_small_cnn():
     assert f["dense_fp"]["forward_eval"] == 2 * dense_mp + 4 * bn
     saving = f["binary_saving"]
     assert saving["inference"] == pytest.approx(1 - (mp + 4 * bn) / (2 * mp + 4 * bn))
+    assert saving["forward_train"] == pytest.approx(1 - (mp + 11 * bn) / (2 * mp + 11 * bn))
     assert saving["training"] == pytest.approx(
         1 - (4 * mp + 15 * bn) / (6 * mp + sum(sizes) + 15 * bn))
 

@@ -70,7 +70,9 @@ def table5_1_flops(model: SubNet, input_shape, counts: Optional[List[int]] = Non
     gradient) or 3·m_i·P_i (binary). Each BatchNorm(+ReLU) on E output elements costs 11·E (training
     forward), 4·E (evaluation) and 4·E (backward). ``dense_fp`` is the unpruned full-precision net
     (m_i = n_i); ``binary_saving`` = 1 − binary / full precision of the sparse net, in training
-    (forward + backward) and inference: the thesis's "≈45% and 32%" for its RN34.
+    (forward + backward), in the training-mode forward pass and in inference (the thesis quotes
+    "≈45% and 32%" in training and inference for its RN34; with these formulas our cifar_resnet34 at
+    r = 0.99, γ = 0.1 gives 36% / 45% (forward) / 48%).
     """
     input_shape = tuple(input_shape)
     shapes = model.base_shapes(input_shape)
@@ -109,6 +111,7 @@ def table5_1_flops(model: SubNet, input_shape, counts: Optional[List[int]] = Non
     train = lambda t: t["forward_train"] + t["backward"]
     return {"dense_fp": totals(True, False), "sparse_fp": sparse_fp, "sparse_binary": sparse_bin,
             "binary_saving": {"training": 1.0 - train(sparse_bin) / train(sparse_fp),
+                              "forward_train": 1.0 - sparse_bin["forward_train"] / sparse_fp["forward_train"],
                               "inference": 1.0 - sparse_bin["forward_eval"] / sparse_fp["forward_eval"]},
             "bn_elements": bn_elements, "layers": per_layer}
 
