@@ -141,6 +141,7 @@ def init_scores(key, weights, layers, score_init: str, scale: float):
 
 # ----------------------------------------------------------------------------- pretrained parts
 _PRETRAINED: Dict[Tuple[str, str], Any] = {}
+_SHAPES: Dict[Tuple[str, Tuple[int, ...]], Any] = {}  # (base_spec, input shape) -> variable shapes
 
 
 def load_run_params(workdir: str, part: str = "weights"):
@@ -216,9 +217,16 @@ class SubNet(nn.Module):
     base_spec: str = ""
 
     def base_shapes(self, input_shape):
-        """Shapes of the zoo model's variables for one example of ``input_shape``."""
+        """Shapes of the zoo model's variables for one example of ``input_shape`` (cached per base
+        model and input shape: every trace of the forward pass needs them)."""
+        key = (self.base_spec, tuple(input_shape))
+        if self.base_spec and key in _SHAPES:
+            return _SHAPES[key]
         x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
-        return jax.eval_shape(lambda: self.base.init(jax.random.PRNGKey(0), x, train=False))
+        shapes = jax.eval_shape(lambda: self.base.init(jax.random.PRNGKey(0), x, train=False))
+        if self.base_spec:
+            _SHAPES[key] = shapes
+        return shapes
 
     def layer_plan(self, input_shape):
         """``(layers, counts)``: ``[(path, shape)]`` of the prunable kernels and their keep counts."""
