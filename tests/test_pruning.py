@@ -312,6 +312,8 @@ def test_training_moves_only_scores_and_statistics(trained_subnet):
     for row, (_, mask) in zip(layer_table(run.model, (28, 28, 1)),
                               masks_of(run.model, run.variables, (28, 28, 1))):
         assert int(mask.sum()) == row["kept"]  # exactly k_i per layer
+    for png in ("subnet_layers.png", "subnet_mask.png"):  # kept fraction per layer, a conv's mask
+        assert os.path.getsize(os.path.join(wd, "plots", png)) > 1000
     hook = summary["finish_hooks"]["jaxrobust.pruning.export:export_run"]
     assert hook["kept_weights"] == int(0.01 * hook["prunable_weights"])
 
@@ -330,6 +332,12 @@ def test_export_reproduces_the_logits_exactly_and_is_small(trained_subnet):
     assert b["dense_fp32"] == 4 * (256 + 16 + 8192 + 32 + 156800 + 100 + 1000 + 10 + 2 * 10)
     assert b["dense_fp32"] / b["total"] >= 20  # ≥ 20x smaller than the dense fp32 network at 1% kept
     assert all(layer["binary"] and layer["scale"] == 1.0 for layer in art.manifest["layers"])
+    from configs.eval.pgd20 import get_config as pgd20
+    from experiments.evaluate import evaluate
+    bad = pgd20("smoke")
+    bad.source = "weights"
+    with pytest.raises(ValueError, match="'checkpoint'.*'export'"):
+        evaluate(bad, wd)
     loaded = load_export_run(wd)  # what experiments.evaluate --config.source=export attacks
     assert np.array_equal(np.asarray(loaded.logits_fn(x)), np.asarray(run.logits_fn(x)))
     assert loaded.threat.eps == pytest.approx(0.1) and loaded.step == 3

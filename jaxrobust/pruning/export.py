@@ -277,6 +277,16 @@ def export_run(config, workdir: str, variables, setup, step: int = -1) -> Dict[s
                          f"{config.model.name!r}: remove it from train.finish_hooks for dense runs.")
     m = export_subnet(setup.model, variables, setup.dataset.info.image_shape,
                       os.path.join(workdir, "export"), extra={"step": int(step)})
+    from jaxrobust.pruning.plots import plot_kernel_mask, plot_layer_keep
+    plot_layer_keep(m["flops"]["layers"], os.path.join(workdir, "plots", "subnet_layers.png"))
+    layers, counts = setup.model.layer_plan(setup.dataset.info.image_shape)
+    convs = [i for i, (_, shape) in enumerate(layers) if len(shape) == 4]
+    if convs:  # the largest convolution's mask pattern
+        i = max(convs, key=lambda j: int(np.prod(layers[j][1])))
+        mask = np.asarray(hard_mask(get_path(jax.device_get(variables)["params"]["scores"], layers[i][0]),
+                                    counts[i]))
+        plot_kernel_mask(mask, os.path.join(workdir, "plots", "subnet_mask.png"),
+                         title=f"{path_name(layers[i][0])}: {counts[i]} of {mask.size} kept")
     return {"bytes": m["bytes"], "kept_weights": m["kept_weights"],
             "prunable_weights": m["prunable_weights"]}
 
