@@ -223,6 +223,49 @@ def base_config() -> ml_collections.ConfigDict:
     c.objective.sat = ml_collections.ConfigDict()  # sat: Huang et al. 2020 self-adaptive training
     c.objective.sat.momentum = 0.9  # t_i ← α t_i + (1 − α) softmax(f(x_i))
     c.objective.sat.warmup_epochs = 5.0  # E_s: one-hot targets and no update before
+    # Robust binary sub-networks (jaxrobust/pruning, thesis §5.1; owner: prune). Functions called once
+    # after a run's final checkpoint and evaluation, before summary.json ("module:function", with
+    # (config, workdir, variables); pruning runs write RUN/export/ with
+    # "jaxrobust.pruning.export:export_run"). model.name='subnet' takes subnet_kwargs() below.
+    c.train.finish_hooks = ()
+    return c
+
+
+def subnet_kwargs(base: str = "cnn_small", **overrides) -> ml_collections.ConfigDict:
+    """``model.kwargs`` of ``model.name='subnet'`` (jaxrobust/pruning/subnet.py, thesis §5.1): the zoo
+    model ``base`` with score-masked conv/dense kernels (owner: prune)."""
+    k = ml_collections.ConfigDict()
+    k.base = base  # the zoo model whose kernels are pruned
+    k.base_kwargs = ml_collections.ConfigDict()  # its own kwargs (w, widths, ...)
+    k.keep_rate = 0.01  # 1 - r: the thesis's pruning rate r = 0.99 keeps 1%
+    k.gamma = 0.1  # eq 5.11: m_i / n_i^γ = const (1 = fixed rate, 0 = fixed number)
+    k.rounding = "exact"  # keep counts: exact (sum = budget) | released (the authors' code)
+    k.min_keep = 1  # every layer keeps at least this many weights (exact rounding)
+    k.weight_init = "binary"  # binary (±1, §5.1.3) | signed_kaiming_constant | base | pretrained
+    k.score_init = "uniform"  # uniform U[-a, a] | fan_uniform U[±a/√fan_in] | magnitude (HYDRA) | pretrained
+    k.score_scale = 0.01  # a of Table 5.3
+    k.last_bn = True  # LBN: non-affine 1-D BatchNorm over the logits (§5.1.3)
+    k.weights_from = ""  # a run's workdir whose final weights are θ (weight_init='pretrained'; HYDRA)
+    k.scores_from = ""  # a subnet run's workdir whose scores are copied (score_init='pretrained')
+    for key, v in overrides.items():
+        k[key] = v
+    return k
+
+
+def subnet_model(c, base: str, base_kwargs=None, *, train: str = "scores", export: bool = True,
+                 **overrides) -> ml_collections.ConfigDict:
+    """Makes ``c`` a pruning run of ``base``: model 'subnet' with :func:`subnet_kwargs`, the frozen
+    optimizer group (``train='scores'``: weights frozen, edge-popup; ``'weights'``: scores frozen, the
+    mask fixed, HYDRA's fine-tuning) and, with ``export``, the RUN/export/ finish hook."""
+    if train not in ("scores", "weights"):
+        raise ValueError(f"subnet_model train={train!r}; expected 'scores' or 'weights'.")
+    c.model.name = "subnet"
+    c.model.kwargs = subnet_kwargs(base, **overrides)
+    for key, v in (base_kwargs or {}).items():
+        c.model.kwargs.base_kwargs[key] = v
+    frozen = "^weights/" if train == "scores" else "^scores/"
+    c.optimizer.param_groups.frozen = param_group_config(frozen, freeze=True)
+    c.train.finish_hooks = ("jaxrobust.pruning.export:export_run",) if export else ()
     return c
 
 

@@ -1,5 +1,6 @@
 """Evaluate the robustness of a trained run with an ensemble of attacks; writes RUN/eval.json
-(``--config.output=NAME.json`` for another name).
+(``--config.output=NAME.json`` for another name). ``--config.source=export`` attacks the compact
+artifact a pruning run wrote to RUN/export/ instead of the checkpoint (jaxrobust/pruning/export.py).
 
     python -m experiments.evaluate --config=configs/eval/autoattack_standard.py --workdir=runs/demo \
         [--config.threat.eps=0.2 --config.threat.norm=l2 --config.num_examples=500]
@@ -50,7 +51,17 @@ def combine_process_results(res: dict, n_local: int, allgather=None) -> dict:
 def evaluate(config, workdir):
     maybe_initialize_distributed(config)
     import_run_modules(workdir)
-    run_ = load_trained(workdir, weights=config.weights)
+    if config.source == "export":  # the compact artifact of a pruning run (jaxrobust/pruning/export.py)
+        if config.weights != "final":
+            raise ValueError(f"source='export' evaluates the pruned sub-network's artifact; weights="
+                             f"{config.weights!r} applies to checkpoints only (use weights='final').")
+        from jaxrobust.pruning.export import load_export_run
+        run_ = load_export_run(workdir)
+    elif config.source == "checkpoint":
+        run_ = load_trained(workdir, weights=config.weights)
+    else:
+        raise ValueError(f"source={config.source!r}; expected 'checkpoint' (the run's final weights) or "
+                         f"'export' (the pruned sub-network's artifact in RUN/export/).")
     threat = build_threat(run_.config, run_.dataset.info, norm=config.threat.norm or None,
                           eps=config.threat.eps)
     split = run_.dataset.split(config.split)

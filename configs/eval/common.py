@@ -25,6 +25,7 @@ def base_eval_config() -> ml_collections.ConfigDict:
     # the model: final | ema (objective.ema_decay > 0) | pas_ensemble (a PAS run's period-end ensemble)
     c.weights = "final"
     c.output = "eval.json"  # file written in RUN (several evaluations of one run: distinct names)
+    c.source = "checkpoint"  # or "export": the pruned sub-network's artifact in RUN/export/ (prune)
     c.resume = True  # resume from RUN/eval_state.npz if an earlier evaluation was interrupted
     return c
 

@@ -42,7 +42,14 @@ _REGISTRY: Dict[str, Callable[..., Any]] = {
     "cifar_resnet50": lambda num_classes, **kw: ResNet((3, 4, 6, 3), "bottleneck",
                                                        num_classes=num_classes, affine_bn=False,
                                                        fc_bias=False, **kw),
+    # §5.1 robust sub-networks: any model above with score-masked kernels (jaxrobust/pruning).
+    "subnet": lambda num_classes, **kw: _create_subnet(num_classes, **kw),
 }
+
+
+def _create_subnet(num_classes, **kw):
+    from jaxrobust.pruning.subnet import create_subnet  # imports this package: import on use
+    return create_subnet(num_classes, **kw)
 
 
 def list_models():

@@ -209,7 +209,9 @@ class ResNet(nn.Module):
     """CIFAR ResNet (He et al. 2016, 3x3 stem). ``w`` is Table 4.1's width factor: stage widths
     (4w, 8w, 16w, 32w); w=16 is the standard 64-128-256-512 ResNet18.
 
-    ``affine_bn=False, use_bias=False, last_bn=True`` gives the §5.1 pruning backbone.
+    ``affine_bn=False, use_bias=False, last_bn=True`` gives the §5.1 pruning backbone. ``stem``:
+    ``'cifar'`` (3x3 conv, stride 1) or ``'imagenet'`` (7x7 conv stride 2 + 3x3 max-pool stride 2, for
+    224x224 inputs: the ImageNet-100 RN34 of Table 5.10).
     """
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
     block: str = "basic"
@@ -221,13 +223,22 @@ class ResNet(nn.Module):
     mean: Tuple[float, ...] = (0.0,)
     std: Tuple[float, ...] = (1.0,)
     dtype: Any = jnp.float32
+    stem: str = "cifar"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         block = {"basic": BasicBlock, "bottleneck": Bottleneck}[self.block]
+        if self.stem not in ("cifar", "imagenet"):
+            raise ValueError(f"ResNet stem must be 'cifar' or 'imagenet', got {self.stem!r}.")
         x = Normalize(self.mean, self.std)(x).astype(self.dtype)
-        x = nn.Conv(4 * self.w, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype)(x)
+        if self.stem == "imagenet":
+            x = nn.Conv(4 * self.w, (7, 7), 2, padding=((3, 3), (3, 3)), use_bias=False,
+                        dtype=self.dtype)(x)
+        else:
+            x = nn.Conv(4 * self.w, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype)(x)
         x = nn.relu(_bn(train, affine=self.affine_bn, dtype=self.dtype)(x))
+        if self.stem == "imagenet":
+            x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         for i, n in enumerate(self.stage_sizes):
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1

@@ -12,7 +12,9 @@ ERM, PGD-AT, and what later issues add) with:
   checkpoint resumes bit-exactly (tested: killed-and-resumed == uninterrupted);
 - periodic clean + PGD evaluation on val/test with masked, padded batches (every example once);
 - orbax checkpoints (atomic), ``metrics.jsonl``, TensorBoard, ``config.json``, ``summary.json``,
-  progress with rate and ETA; the update step compiles once per run (counted, in ``summary.json``).
+  progress with rate and ETA; the update step compiles once per run (counted, in ``summary.json``);
+- ``train.finish_hooks``: functions called once after the final checkpoint and evaluation, before
+  ``summary.json`` (their results go to ``summary['finish_hooks']``; e.g. a pruning run's RUN/export/).
 """
 from __future__ import annotations
 
@@ -423,6 +425,7 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     monitors = [*monitors_from_config(config, workdir, setup),
                 *jpas.callbacks(config, workdir, setup),
                 *jdiff.callbacks_from_config(config, workdir, setup)]
+    finish_hooks = [(ref, load_hook(ref)) for ref in config.train.finish_hooks]
     callbacks = [*callbacks, *monitors]
     # config.json only once everything above accepted the config; refuses a changed run (workdir.py).
     prepare_workdir(config, workdir)
@@ -507,11 +510,18 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     for m in monitors:
         m.close()
     final = evaluate(step)
+    hooks = {}
+    if jax.process_index() == 0:  # e.g. RUN/export/ of a pruning run; before summary.json: a failed
+        for ref, hook in finish_hooks:  # hook is redone when the (finished) run is started again
+            hooks[ref] = hook(config=config, workdir=workdir, variables=state.variables(),
+                              setup=setup, step=step)
     summary = {"steps": step, "epochs": step / steps_per_epoch, "train_seconds": time.time() - t0,
                "devices": jax.device_count(), "compiles": dict(traces), "final_train_metrics": {
                    k: float(v) for k, v in last_metrics.items() if np.ndim(v) == 0},
                "eval": final, "threat": {"norm": threat.norm, "eps": float(config.threat.eps),
                                          "box": None if threat.box is None else list(threat.box)}}
+    if hooks:
+        summary["finish_hooks"] = hooks
     if jax.process_index() == 0:
         tmp = os.path.join(workdir, "summary.json.tmp")
         with open(tmp, "w") as f:
@@ -519,6 +529,21 @@ def train(config: ml_collections.ConfigDict, workdir: str,
         os.replace(tmp, os.path.join(workdir, "summary.json"))
     writer.close()
     return summary
+
+
+def load_hook(ref: str) -> Callable:
+    """``"package.module:function"`` of ``train.finish_hooks``; a clear error when it does not load."""
+    module, sep, name = str(ref).partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"train.finish_hooks entry {ref!r}: expected 'package.module:function'.")
+    import importlib
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"train.finish_hooks entry {ref!r} does not load: {e}") from None
+    if not callable(fn):
+        raise ValueError(f"train.finish_hooks entry {ref!r} is not a function.")
+    return fn
 
 
 def _raise_if_nonfinite(state: TrainState, ckpt: Checkpointer, writer: MetricWriter) -> None:
