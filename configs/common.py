@@ -166,6 +166,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.attack.restarts = 1
     c.eval.attack.random_start = True
     c.eval.attack.loss = "ce"
+
+    # accel (issue #17): mixed precision and several seeds in one program.
+    # model.dtype: 'float32' | 'bfloat16' (bf16 convs/dense/activations; parameters, optimizer state,
+    # loss, softmax and BN statistics float32; bounds/certification always float32).
+    c.model.dtype = "float32"
     return c
 
 

@@ -94,7 +94,7 @@ def _quote(s: str) -> str:
     return shlex.quote(s)
 
 
-def _wait_all(procs, timeout: float = 300) -> dict:
+def _wait_all(procs, timeout: float = 900) -> dict:
     """Outputs of every process; the first failure (or the timeout) kills the rest, so a host left
     waiting for its dead peer at the coordinator does not hang the test."""
     import time
@@ -104,10 +104,14 @@ def _wait_all(procs, timeout: float = 300) -> dict:
         if failed or time.time() > deadline:
             break
         time.sleep(0.2)
+    timed_out = [w for w, p in procs if p.poll() is None]
     for _, p in procs:
         if p.poll() is None:
             p.kill()
     outs = {w: p.communicate()[0] for w, p in procs}
+    if timed_out and not [w for w, p in procs if p.returncode not in (0, -9)]:
+        pytest.fail(f"{timed_out} still running after {timeout:.0f} s:\n" +
+                    "\n".join(f"--- {w}\n{outs[w][-2000:]}" for w in timed_out))
     for w, p in procs:
         assert p.returncode == 0, f"{w} failed ({p.returncode}):\n{outs[w][-4000:]}"
     return outs
