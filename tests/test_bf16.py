@@ -1,6 +1,8 @@
 """Mixed precision (``config.model.dtype='bfloat16'``): bf16 compute with float32 parameters,
 optimizer state, BatchNorm statistics and loss; attacks in bf16 with the perturbation accumulated in
 float32; bounds and certification in float32 (jaxrobust/models/__init__.py)."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -179,3 +181,46 @@ def test_model_dtype_config_is_validated():
     with pytest.raises(ValueError, match="contradicts"):
         compute_dtype_kwargs({"dtype": "float32"}, "bfloat16")
     assert as_float32(create_model("fc", 10, dtype="bfloat16")).dtype == jnp.float32
+
+
+# ----------------------------------------------------------------------------- backend rules
+def test_attack_loops_unroll_on_cpu_only_and_give_the_same_numbers(monkeypatch):
+    """attacks.common.default_unroll: short loops unrolled on XLA:CPU, rolled on GPU/TPU; the two
+    programs compute the same attack."""
+    from jaxrobust.attacks import common
+    assert common.default_unroll(10, "cpu") and common.default_unroll(20, "cpu")
+    assert not common.default_unroll(21, "cpu") and not common.default_unroll(0, "cpu")
+    assert not common.default_unroll(10, "gpu") and not common.default_unroll(10, "tpu")
+    model = create_model("fc", 10, widths=(8,))
+    x = jax.random.uniform(jax.random.PRNGKey(0), (4, 16))
+    y = jnp.arange(4)
+    threat = ThreatModel(norm="linf", eps=0.1, box=(0.0, 1.0))
+
+    def make_attack():  # a new function each time: traced afresh under the current rule
+        def attack(x):
+            fn = make_logits_fn(model, model.init(jax.random.PRNGKey(0), x[:1], train=False))
+            return pgd(fn, x, y, jax.random.PRNGKey(1), threat, steps=5)
+        return attack
+
+    cpu_rule, x_cpu = jax.make_jaxpr(make_attack())(x), jax.jit(make_attack())(x)
+    monkeypatch.setattr(common, "UNROLL_MAX_STEPS", {})  # what GPU/TPU get
+    gpu_rule, x_gpu = jax.make_jaxpr(make_attack())(x), jax.jit(make_attack())(x)
+    # the 5-step loop: a scan unrolled 5 times on CPU, a rolled scan (XLA while loop) otherwise
+    unrolls = lambda jaxpr: re.findall(r"unroll=(\w+)", str(jaxpr))  # noqa: E731
+    assert unrolls(cpu_rule) == ["5"] and unrolls(gpu_rule) == ["1"]
+    np.testing.assert_allclose(np.asarray(x_gpu), np.asarray(x_cpu), atol=1e-6)
+
+
+def test_xla_cpu_flag_is_left_out_without_a_cpu_backend(monkeypatch):
+    from jaxrobust import _xla_flags
+    from jax._src import xla_bridge
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda")
+    _xla_flags._apply()
+    assert "ynn" not in __import__("os").environ.get("XLA_FLAGS", "")
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+    _xla_flags._apply()
+    from importlib.metadata import version
+    expected = version("jaxlib").startswith("0.10.")
+    assert ("ynn_fusion_type" in __import__("os").environ.get("XLA_FLAGS", "")) == expected

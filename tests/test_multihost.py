@@ -4,6 +4,9 @@ collectives over gloo), run the ``experiments.train`` and ``experiments.evaluate
 exactly as a 2-host job would (BUILD.md, "Multi-host"). A single process with four devices runs the
 same config as the reference: the 2x2 job must train the same model (metrics, final checkpoint,
 per-instance state sharded across the processes) and evaluate the same examples.
+
+Default run: training only (about 85 CPU-s: three processes compile and train); the slow test runs
+the evaluation entry point after it as well.
 """
 import json
 import os
@@ -49,8 +52,8 @@ def _flags(wd: str, config: str, overrides: dict) -> list:
               for k, v in overrides.items())]
 
 
-def _reference(wd: str) -> subprocess.Popen:
-    """One process, four devices: the same two entry points, run in-process (one import)."""
+def _reference(wd: str, evaluate: bool) -> subprocess.Popen:
+    """One process, four devices: the same entry points, run in-process (one import)."""
     code = textwrap.dedent(f"""
         import importlib
         import jax
@@ -68,22 +71,24 @@ def _reference(wd: str) -> subprocess.Popen:
                 node[last] = v
             return c
         train(config({TRAIN_CONFIG!r}, {TRAIN_OVERRIDES!r}), {wd!r})
-        evaluate(config({EVAL_CONFIG!r}, {EVAL_OVERRIDES!r}), {wd!r})
+        if {evaluate!r}:
+            evaluate(config({EVAL_CONFIG!r}, {EVAL_OVERRIDES!r}), {wd!r})
     """)
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=_env(4),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _host(wd: str, process_id: int, ports) -> subprocess.Popen:
-    """Host ``process_id`` of the 2-host job: train, then evaluate (a new coordinator port each)."""
+def _host(wd: str, process_id: int, ports, evaluate: bool) -> subprocess.Popen:
+    """Host ``process_id`` of the 2-host job: train, then (``evaluate``) evaluate, a new coordinator
+    port each."""
     py = [sys.executable, "-m"]
     train = py + ["experiments.train"] + _flags(wd, TRAIN_CONFIG, TRAIN_OVERRIDES) + \
         ["--config.distributed=True"]
-    evaluate = py + ["experiments.evaluate"] + _flags(wd, EVAL_CONFIG, EVAL_OVERRIDES) + \
+    evaluation = py + ["experiments.evaluate"] + _flags(wd, EVAL_CONFIG, EVAL_OVERRIDES) + \
         ["--config.distributed=True"]
     script = " && ".join(
         f"JAX_COORDINATOR_ADDRESS=127.0.0.1:{port} " + " ".join(map(_quote, cmd))
-        for port, cmd in zip(ports, (train, evaluate)))
+        for port, cmd in zip(ports, (train, evaluation)[:2 if evaluate else 1]))
     return subprocess.Popen(["/bin/sh", "-c", script], cwd=REPO,
                             env=_env(2, JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=process_id),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -136,20 +141,37 @@ def _metrics(wd):
         return [json.loads(line) for line in f]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("multihost")
+def _launch(root, evaluate: bool):
     ref, mh = str(root / "ref"), str(root / "mh")
     ports = (_free_port(), _free_port())
-    procs = [("reference (1 process x 4 devices)", _reference(ref))] + \
-        [(f"host {p} of 2", _host(mh, p, ports)) for p in (0, 1)]
+    procs = [("reference (1 process x 4 devices)", _reference(ref, evaluate))] + \
+        [(f"host {p} of 2", _host(mh, p, ports, evaluate)) for p in (0, 1)]
     outs = _wait_all(procs)
     from jaxrobust.train import load_trained
-    return ref, mh, outs, load_trained(ref)
+    return ref, mh, outs, load_trained(ref) if evaluate else None
 
 
-def test_two_hosts_train_the_same_model_as_one_host_with_four_devices(runs):
-    ref, mh, outs, ref_run = runs
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return _launch(tmp_path_factory.mktemp("multihost_train"), evaluate=False)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    return _launch(tmp_path_factory.mktemp("multihost_eval"), evaluate=True)
+
+
+def test_two_hosts_train_the_same_model_as_one_host_with_four_devices(trained):
+    _check_training(*trained)
+
+
+@pytest.mark.slow
+def test_two_hosts_train_then_evaluate_their_slices_and_host0_writes_the_whole_result(evaluated):
+    _check_training(*evaluated)
+    _check_evaluation(*evaluated)
+
+
+def _check_training(ref, mh, outs, ref_run):
     host0, host1 = outs["host 0 of 2"], outs["host 1 of 2"]
     # a real 2-process job: each host saw 2 local devices of 4; only host 0 logs progress
     assert "[train] step 4/4" in host0 and "[train] step" not in host1
@@ -178,9 +200,9 @@ def test_two_hosts_train_the_same_model_as_one_host_with_four_devices(runs):
     t1 = jax.tree_util.tree_flatten_with_path(c1)[0]
     t2 = jax.tree.leaves(c2)
     assert len(t1) == len(t2) and len(t1) > 5
-    # what load_trained serves (the evaluation entry points) is this checkpoint
-    np.testing.assert_array_equal(np.asarray(ref_run.variables["params"]["Dense_0"]["kernel"]),
-                                  np.asarray(c1["params"]["Dense_0"]["kernel"]))
+    if ref_run is not None:  # what load_trained serves (the evaluation entry points) is this checkpoint
+        np.testing.assert_array_equal(np.asarray(ref_run.variables["params"]["Dense_0"]["kernel"]),
+                                      np.asarray(c1["params"]["Dense_0"]["kernel"]))
     instance_nonzero = 0
     for (path, x1), x2 in zip(t1, t2):
         name = jax.tree_util.keystr(path)
@@ -190,8 +212,7 @@ def test_two_hosts_train_the_same_model_as_one_host_with_four_devices(runs):
     assert instance_nonzero > 0  # the sharded per-instance state was really updated (and compared)
 
 
-def test_two_hosts_evaluate_their_slices_and_host0_writes_the_whole_result(runs):
-    ref, mh, _, run = runs
+def _check_evaluation(ref, mh, outs, run):
     with open(os.path.join(ref, "eval.json")) as f:
         e_ref = json.load(f)
     with open(os.path.join(mh, "eval.json")) as f:
