@@ -90,6 +90,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.objective.certified.mmr_lambda = 0.5
     c.objective.certified.sabr_lambda = 0.4
     c.objective.certified.mtl_alpha = 0.5
+    # Shi et al. 2021 (ibp, crown_ibp, sabr, mtl_ibp): IBP initialisation of the hidden kernels, and the
+    # warm-up regularisers (bound tightness + ReLU balance) with weight warmup_reg·(1 - ε(t)/ε)
+    # (0 = off; their λ = 0.5) and tolerance τ = warmup_tol.
+    c.objective.certified.ibp_init = False
+    c.objective.certified.warmup_reg = 0.0
+    c.objective.certified.warmup_tol = 0.5
     # Fast AT (jaxrobust/train/fast_at.py, thesis §5.2): steps are fractions of ε.
     c.objective.fast = ml_collections.ConfigDict()
     c.objective.fast.fgsm_step = 1.25  # fgsm_rs: α = 1.25ε (Wong et al. 2020)
@@ -206,14 +212,15 @@ def reproduce_config(name: str, title: str = "", columns=(), seeds: str = "0",
                      row_header: str = "Method", decimals: int = 2, claims: str = "",
                      notes: str = "") -> ml_collections.ConfigDict:
     """A table's row set for ``python -m experiments.reproduce`` (see experiments/reproduce.py):
-    ``columns`` = ((label, "file.json:key.path[*scale]"), ...); add rows with :func:`reproduce_row`
+    ``columns`` = ((label, "file.json:key.path[*scale]"[, decimals]), ...); add rows with :func:`reproduce_row`
     and evaluations with :func:`reproduce_step`. ``claims`` = "module:function" taking
     ``{row: {column label: mean}}`` and returning ``[{'claim', 'holds', 'evidence'}]``."""
     c = ml_collections.ConfigDict()
     r = c.reproduce = ml_collections.ConfigDict()
     r.name = name  # D/<name>.md, D/<name>.json
     r.title = title
-    r.columns = tuple((str(a), str(b)) for a, b in columns)
+    # (label, source) or (label, source, decimals); decimals default to `decimals`
+    r.columns = tuple((str(col[0]), str(col[1])) + tuple(int(d) for d in col[2:3]) for col in columns)
     r.seeds = str(seeds)  # comma-separated: "0,1,2"
     r.row_header = row_header
     r.decimals = int(decimals)
@@ -222,6 +229,7 @@ def reproduce_config(name: str, title: str = "", columns=(), seeds: str = "0",
     r.only = ""  # comma-separated row names: run only these
     r.dry_run = False  # print the commands instead of running them
     r.rows = ml_collections.ConfigDict()
+    r.order = ()  # row names in the order they were added (ConfigDict iterates its keys sorted)
     r.steps = ml_collections.ConfigDict()
     return c
 
@@ -238,6 +246,8 @@ def reproduce_row(c, name: str, train: str, *, label: str = "", thesis=(), overr
     row.overrides = tuple(overrides)
     row.steps = steps
     c.reproduce.rows[name] = row
+    if "order" in c.reproduce:
+        c.reproduce.order = tuple(n for n in c.reproduce.order if n != name) + (name,)
 
 
 def reproduce_step(c, name: str, entry: str, config: str, output: str, overrides=()) -> None:

@@ -70,6 +70,7 @@ def evaluate(config, workdir):
                               attacks=tuple(config.attacks), mode=config.mode, batch_size=config.batch_size,
                               state_path=state_path, n_iter=config.n_iter, n_queries=config.n_queries,
                               pgd_steps=config.pgd_steps, pgd_restarts=config.pgd_restarts,
+                              pgd_step_size=config.pgd_step_size,
                               n_target_classes=config.n_target_classes)
     if config.save_adversarial:
         pad = lambda a: np.concatenate([np.asarray(a), np.repeat(np.asarray(a)[:1], len(mask) - len(a), 0)])

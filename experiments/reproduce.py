@@ -72,6 +72,16 @@ def parse_column(spec: str) -> Tuple[str, str, float]:
     return file, path, float(scale) if scale else 1.0
 
 
+def columns_of(r) -> List[Tuple[str, str, int]]:
+    """``reproduce.columns`` as (label, source, decimals) triples."""
+    out = []
+    for col in r.columns:
+        if len(col) not in (2, 3):
+            raise ValueError(f"reproduce column {col!r}: expected (label, source[, decimals]).")
+        out.append((col[0], col[1], int(col[2]) if len(col) == 3 else int(r.decimals)))
+    return out
+
+
 def lookup(obj, path: str):
     """``a.b.0`` in nested dicts/lists (keys may contain spaces, not dots); None when absent."""
     for part in path.split("."):
@@ -102,7 +112,7 @@ def validate(r) -> None:
         if len(row.thesis) not in (0, len(r.columns)):
             raise ValueError(f"reproduce.rows.{name}.thesis has {len(row.thesis)} values for "
                              f"{len(r.columns)} columns.")
-    for label, spec in r.columns:
+    for _, spec, _ in columns_of(r):
         parse_column(spec)
     only = _as_list(r.only)
     unknown = [o for o in only if o not in r.rows]
@@ -173,7 +183,7 @@ def run_row(r, row_name: str, seed: int, root: str, dry_run: bool) -> Dict[str, 
             continue
         _run_child(cmd, os.path.join(wd, f"{entry}.log"), f"{prefix} {entry}:")
     outputs = {}
-    files = {parse_column(spec)[0] for _, spec in r.columns}
+    files = {parse_column(spec)[0] for _, spec, _ in columns_of(r)}
     for f in files:
         p = os.path.join(wd, f)
         if os.path.exists(p):
@@ -184,7 +194,7 @@ def run_row(r, row_name: str, seed: int, root: str, dry_run: bool) -> Dict[str, 
 
 def column_values(r, outputs: Dict[str, Any]) -> List[Optional[float]]:
     vals = []
-    for _, spec in r.columns:
+    for _, spec, _ in columns_of(r):
         f, path, scale = parse_column(spec)
         v = lookup(outputs.get(f), path)
         vals.append(None if v is None or isinstance(v, (dict, list, str)) else float(v) * scale)
@@ -210,8 +220,8 @@ def format_value(mean: Optional[float], std: Optional[float], decimals: int) -> 
 
 
 def markdown(r, table: Dict[str, Any]) -> str:
-    dec = int(r.decimals)
-    labels = [label for label, _ in r.columns]
+    cols = columns_of(r)
+    labels = [label for label, _, _ in cols]
     head = f"### {r.title}\n\n" if r.title else ""
     lines = [head + "Each cell: ours / thesis" + (f" (ours: mean(std) over seeds {list(table['seeds'])})"
                                                   if len(table["seeds"]) > 1 else "") + ".", "",
@@ -219,7 +229,7 @@ def markdown(r, table: Dict[str, Any]) -> str:
              "|" + "---|" * (len(labels) + 1)]
     for name, row in table["rows"].items():
         cells = []
-        for j, label in enumerate(labels):
+        for label, _, dec in cols:
             c = row["columns"][label]
             ours = format_value(c["mean"], c["std"], dec)
             th = c["thesis"]
@@ -242,7 +252,7 @@ def _load_function(ref: str):
 
 
 def build_table(r, per_seed: Dict[str, Dict[int, List[Optional[float]]]]) -> Dict[str, Any]:
-    labels = [label for label, _ in r.columns]
+    labels = [label for label, _, _ in columns_of(r)]
     rows = {}
     for name, by_seed in per_seed.items():
         row = r.rows[name]
@@ -270,7 +280,7 @@ def reproduce(config, workdir: str) -> Dict[str, Any]:
     validate(r)
     root = os.path.abspath(workdir)
     os.makedirs(root, exist_ok=True)
-    names = _as_list(r.only) or list(r.rows)
+    names = _as_list(r.only) or [n for n in r.get("order", ()) if n in r.rows] or list(r.rows)
     seeds = [int(s) for s in _as_list(r.seeds)] or [0]
     jobs = [(n, s) for n in names for s in seeds]
     per_seed: Dict[str, Dict[int, List[Optional[float]]]] = {}

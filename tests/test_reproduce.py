@@ -20,7 +20,7 @@ ROWSET = textwrap.dedent('''
         c = reproduce_config("tiny", "A tiny table", columns=(
             ("Clean (%)", "eval_small.json:clean_accuracy*100"),
             ("PGD (%)", "eval_small.json:robust_accuracy.pgd*100"),
-            ("steps", "summary.json:steps"),
+            ("steps", "summary.json:steps", 0),
             ("absent", "eval_small.json:no.such.key")),
             claims="rowset_cfg:claims", notes="Deviation: 6 training steps.")
         reproduce_row(c, "at", "configs/mnist5k_fc1_pgd.py:smoke", label="AT", thesis=(98.6, 91.0, None, None))
@@ -57,6 +57,7 @@ def test_reproduce_table_resumes_and_reports(tmp_path, monkeypatch):
         assert json.load(f)["objective"]["name"] == "standard"  # row overrides applied
     md = open(os.path.join(root, "tiny.md")).read()
     assert "| AT | " in md and " / 98.60" in md and "| ERM |" in md and "Deviation" in md
+    assert "| 6 |" in md or " 6 |" in md  # the steps column has its own 0 decimals
     assert table["claims"][0]["holds"] is True and "| yes |" in md
     saved = json.load(open(os.path.join(root, "tiny.json")))
     assert saved["rows"]["erm"]["columns"]["steps"]["values"] == [6]

@@ -19,6 +19,7 @@ def base_eval_config() -> ml_collections.ConfigDict:
     c.n_queries = 5000  # Square queries
     c.pgd_steps = 20
     c.pgd_restarts = 1
+    c.pgd_step_size = 0.0  # input units; <= 0: 2.5 * eps / pgd_steps
     c.n_target_classes = 9
     c.save_adversarial = False  # RUN/eval_adversarial.npz
     c.output = "eval.json"  # file written in RUN (several evaluations of one run: distinct names)

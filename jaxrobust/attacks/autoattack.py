@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import time
 import weakref
-from typing import Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,19 +46,25 @@ WHITE_BOX = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t")
 ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")
 PER_TARGET = ("apgd-t", "fab-t")
 DEFAULT_SETTINGS = {"n_iter": 100, "n_queries": 5000, "pgd_steps": 20, "pgd_restarts": 1,
-                    "n_target_classes": 9}
+                    "n_target_classes": 9, "pgd_step_size": 0.0}
+FLOAT_SETTINGS = ("pgd_step_size",)  # PGD's step in input units; <= 0: 2.5 ε / pgd_steps
 
 # logits_fn -> {(what, settings...): jitted function}. Weak keys: the cached functions only hold a
 # weak reference to logits_fn, so an entry disappears with its model function.
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _settings(attack_kwargs) -> Dict[str, int]:
+def _settings(attack_kwargs) -> Dict[str, Any]:
     unknown = sorted(set(attack_kwargs) - set(DEFAULT_SETTINGS))
     if unknown:
         raise TypeError(f"Unknown attack settings {unknown}; expected some of {sorted(DEFAULT_SETTINGS)}.")
     s = dict(DEFAULT_SETTINGS, **attack_kwargs)
     for k, v in s.items():
+        if k in FLOAT_SETTINGS:
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not np.isfinite(v):
+                raise ValueError(f"Attack setting {k} must be a finite number, got {v!r}.")
+            s[k] = float(v)
+            continue
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ValueError(f"Attack setting {k} must be a positive int, got {v!r}.")
         s[k] = int(v)
@@ -70,8 +76,9 @@ def _build(what: str, fref, s: Dict[str, int], num_classes: int) -> Callable:
     f = lambda z: fref()(z)  # noqa: E731  (the model is looked up at trace time)
     n_t = min(s["n_target_classes"], num_classes - 1)
     if what == "pgd":
+        step = s["pgd_step_size"] if s["pgd_step_size"] > 0 else None
         fn = lambda x, y, k, t: pgd(f, x, y, k, t, steps=s["pgd_steps"], restarts=s["pgd_restarts"],
-                                    loss="ce")
+                                    loss="ce", step_size=step)
     elif what == "apgd-ce":
         fn = lambda x, y, k, t: apgd(f, x, y, k, t, n_iter=s["n_iter"], loss="ce")
     elif what == "apgd-dlr":
@@ -123,12 +130,13 @@ def _scalar_eps_threat(threat: ThreatModel) -> ThreatModel:
 
 def make_attack(name: str, logits_fn, threat: ThreatModel, *, n_iter: int = 100,
                 n_queries: int = 5000, pgd_steps: int = 20, pgd_restarts: int = 1,
-                n_target_classes: int = 9) -> Callable:
+                n_target_classes: int = 9, pgd_step_size: float = 0.0) -> Callable:
     """A jitted ``(x, y, key) -> x_adv`` for a named attack (compiled pieces cached per logits_fn)."""
     if name not in ATTACKS:
         raise ValueError(f"Unknown attack {name!r}; available: {sorted(ATTACKS)}.")
     s = _settings(dict(n_iter=n_iter, n_queries=n_queries, pgd_steps=pgd_steps,
-                       pgd_restarts=pgd_restarts, n_target_classes=n_target_classes))
+                       pgd_restarts=pgd_restarts, n_target_classes=n_target_classes,
+                       pgd_step_size=pgd_step_size))
     th = _scalar_eps_threat(threat)
 
     def attack(x, y, k):
@@ -277,7 +285,8 @@ def evaluate_robustness(logits_fn, x, y, key, threat: ThreatModel, *,
     ``state_path``: a .npz file to resume an interrupted evaluation; ``log``: where the per-attack
     summaries, warnings and progress go; ``verbose=False`` silences the progress lines (rate and ETA
     per batch, and per target class for APGD-T / FAB-T); attack settings ``n_iter``, ``n_queries``,
-    ``pgd_steps``, ``pgd_restarts``, ``n_target_classes``.
+    ``pgd_steps``, ``pgd_restarts``, ``pgd_step_size`` (input units; <= 0: 2.5 ε / steps),
+    ``n_target_classes``.
     Returns a dict with num_examples, clean_accuracy, robust_accuracy (per attack: cumulative in
     standard mode, alone in individual mode), worst_case_robust_accuracy, seconds per attack,
     warnings, robust flags (N,) and worst-case adversarial examples x_adv (N, ...).

