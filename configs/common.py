@@ -228,6 +228,10 @@ def base_config() -> ml_collections.ConfigDict:
     # (config, workdir, variables); pruning runs write RUN/export/ with
     # "jaxrobust.pruning.export:export_run"). model.name='subnet' takes subnet_kwargs() below.
     c.train.finish_hooks = ()
+    # accel (issue #17): mixed precision and several seeds in one program.
+    # model.dtype: 'float32' | 'bfloat16' (bf16 convs/dense/activations; parameters, optimizer state,
+    # loss, softmax and BN statistics float32; bounds/certification always float32).
+    c.model.dtype = "float32"
     return c
 
 

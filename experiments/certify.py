@@ -24,6 +24,7 @@ from experiments import (define_entrypoint_flags, gather_examples, import_run_mo
 from jaxrobust.attacks import pgd
 from jaxrobust.certify import (certified_radius_curve, certify, cosine_similarity_stats,
                                nonuniform_bounds, optimal_eps_search)
+from jaxrobust.models import as_float32
 from jaxrobust.train import build_threat, load_trained
 from jaxrobust.train.metrics import Progress
 
@@ -215,7 +216,8 @@ def certify_run(config, workdir):
     run_ = load_trained(workdir)
     threat = build_threat(run_.config, run_.dataset.info, norm=config.threat.norm or None,
                           eps=config.threat.eps)
-    variables, model = run_.variables, run_.model
+    # bounds and certificates always in float32 (a bf16-trained model is cast up)
+    variables, model = run_.variables, as_float32(run_.model)
     fn = lambda x: model.apply(variables, x, train=False)
     split = run_.dataset.split(config.split)
     n = len(split) if config.num_examples <= 0 else min(config.num_examples, len(split))

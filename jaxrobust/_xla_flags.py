@@ -10,6 +10,11 @@ crash and was also the fastest setting measured here (2 cores): CROWN on the sma
 the dot fusions for jaxlib 0.10.x. It takes effect only if no JAX computation ran in the process
 before ``import jaxrobust`` (a warning says so); other jaxlib versions are left alone (an XLA build
 that does not know a flag aborts on it).
+
+Backends: the flag is read by XLA:CPU only, so GPU/TPU programs compile exactly as without it (the
+CUDA/TPU compilers of the same jaxlib release know the flag and ignore it). It stays set on
+accelerator hosts because JAX still runs host-side programs on its CPU backend there; it is skipped
+when ``JAX_PLATFORMS`` names platforms without ``cpu`` (no CPU backend is created, nothing to fix).
 """
 import os
 import warnings
@@ -25,6 +30,9 @@ def _apply():
         return
     if not jaxlib_version.startswith("0.10."):
         return
+    platforms = os.environ.get("JAX_PLATFORMS", "").strip()
+    if platforms and "cpu" not in [p.strip() for p in platforms.lower().split(",")]:
+        return  # no XLA:CPU backend in this process
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_cpu_experimental_ynn_fusion_type" in flags:
         return

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxrobust.attacks import losses
-from jaxrobust.attacks.common import check_attack_inputs, steepest_ascent_step, update_best
+from jaxrobust.attacks.common import (check_attack_inputs, default_unroll, steepest_ascent_step,
+                                     update_best)
 from jaxrobust.threat import ThreatModel
 
 STEP_SCHEDULES = ("constant", "cosine", "step")
@@ -46,9 +47,9 @@ def pgd(logits_fn, x, y, key, threat: ThreatModel, *, steps: int = 10, step_size
       loss: 'ce', 'cw' or 'dlr' (targeted forms when ``targeted``; ``y_target`` (B,) required).
       restarts: independent runs (each from a random start if ``random_start``); the best per example
         is kept. early_stop: freeze an example once it is broken (its best point is kept).
-      unroll: unroll the step loop (None: when ``steps <= 20``). XLA:CPU runs convolutions inside a
-        while loop ~3.7x slower than unrolled (measured on ResNet18), so the short attacks of
-        adversarial training are unrolled; long evaluation attacks keep the loop (compile time).
+      unroll: unroll the step loop (None: by backend, :func:`attacks.common.default_unroll`: on CPU
+        when ``steps <= 20``, since XLA:CPU runs convolutions inside a while loop several times
+        slower than unrolled; on GPU/TPU the rolled loop).
     """
     if steps < 0 or restarts < 1:
         raise ValueError(f"steps must be >= 0 and restarts >= 1, got {steps}, {restarts}.")
@@ -84,7 +85,7 @@ def pgd(logits_fn, x, y, key, threat: ThreatModel, *, steps: int = 10, step_size
             xa = jnp.where(active.reshape((-1,) + (1,) * (x.ndim - 1)), xn, xa)
             return xa, bx, bs
 
-        do_unroll = steps <= 20 if unroll is None else unroll
+        do_unroll = default_unroll(steps) if unroll is None else unroll
         xa, bx, bs = jax.lax.fori_loop(0, steps, body, (x_start, best_x, best_s),
                                        unroll=bool(do_unroll) and steps > 0)
         return update_best(bx, bs, xa, _strength(logits_fn(xa), y, y_target, targeted))

@@ -8,6 +8,16 @@
 - ``bn_mode='train'``: batch statistics of the (adversarial) batch, as the original Madry et al. code
   does while generating attacks during training; the running averages are NOT updated (the mutated
   collection is discarded), so an attack never leaks into the stored statistics.
+
+Mixed precision (``config.model.dtype``, :func:`compute_dtype_kwargs`): with ``'bfloat16'`` every zoo
+model computes its convolutions, dense layers and activations in bf16 on inputs cast from float32 and
+returns float32 logits, while its parameters stay float32 (so do the optimizer state, the loss and the
+softmax, computed on the float32 logits). BatchNorm statistics are reduced in float32 (flax's
+``force_float32_reductions``) and the running averages stored in float32. Attacks on such a model run
+its forward/backward passes in bf16 but their perturbation lives in the float32 input (the gradient
+with respect to x comes back through the input cast as float32), so small steps accumulate exactly.
+Bound propagation and certification always use :func:`as_float32` (the same parameters, float32
+compute): a certificate is a statement about exact arithmetic, which bf16 rounding would not respect.
 """
 from __future__ import annotations
 
@@ -54,6 +64,42 @@ def _create_subnet(num_classes, **kw):
 
 def list_models():
     return sorted(_REGISTRY)
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype_kwargs(kwargs: Dict[str, Any], dtype: str) -> Dict[str, Any]:
+    """``kwargs`` of :func:`create_model` for the compute dtype ``dtype`` ('float32' | 'bfloat16').
+
+    float32 leaves ``kwargs`` as they are (the models' default: no ``dtype`` keyword, so models without
+    one keep working); bfloat16 adds ``dtype=bfloat16``. A ``dtype`` already in ``kwargs`` (the older
+    ``model.kwargs.dtype`` spelling) must agree. Unknown names raise a ValueError listing the valid ones.
+    """
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"model.dtype must be one of {list(COMPUTE_DTYPES)}, got {dtype!r}.")
+    kwargs = dict(kwargs)
+    if "dtype" in kwargs:
+        given = jnp.dtype(kwargs["dtype"]).name
+        if given not in COMPUTE_DTYPES:
+            raise ValueError(f"model.kwargs.dtype must be one of {list(COMPUTE_DTYPES)}, got {given!r}.")
+        if dtype != "float32" and given != dtype:
+            raise ValueError(f"model.dtype={dtype!r} contradicts model.kwargs.dtype={given!r}: set "
+                             f"model.dtype only.")
+        return kwargs
+    if dtype != "float32":
+        kwargs["dtype"] = dtype
+    return kwargs
+
+
+def as_float32(model):
+    """The same module computing in float32 (bounds, certification): a bf16 model cloned with
+    ``dtype=float32``; float32 models and models without a ``dtype`` field are returned unchanged.
+    The parameters (float32 in every case) fit both."""
+    dtype = getattr(model, "dtype", None)
+    if dtype is not None and jnp.dtype(dtype) != jnp.float32:
+        return model.clone(dtype=jnp.float32)
+    return model
 
 
 def create_model(name: str, num_classes: int = 10, **kwargs):
@@ -122,6 +168,7 @@ def forward_train(model, params, model_state, x):
     return model.apply(variables, x, train=True), model_state
 
 
-__all__ = ["create_model", "list_models", "init_variables", "count_params", "make_logits_fn",
+__all__ = ["create_model", "list_models", "COMPUTE_DTYPES", "compute_dtype_kwargs", "as_float32",
+           "init_variables", "count_params", "make_logits_fn",
            "forward_train", "CNN7", "FCNet", "SmallCNN", "LeNet", "VGG", "ResNet", "PreActResNet18",
            "WideResNet"]

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxrobust.attacks.common import steepest_ascent_step
+from jaxrobust.attacks.common import default_unroll, steepest_ascent_step
 from jaxrobust.models import forward_train, make_logits_fn
 from jaxrobust.train.objectives import (Objective, ObjectiveContext, ObjectiveOutput, ce_and_accuracy,
                                         masked_mean, per_example_ce, pgd_points, register, with_ema)
@@ -145,7 +145,7 @@ def inner_maximisation(ctx, params, model_state, batch, key, step, loss: str):
         return threat.project(x, steepest_ascent_step(grad(xa), xa, x, threat, alpha))
 
     steps = int(a.steps)
-    xa = jax.lax.fori_loop(0, steps, body, x0, unroll=0 < steps <= 20)
+    xa = jax.lax.fori_loop(0, steps, body, x0, unroll=default_unroll(steps))  # by backend
     return jax.lax.stop_gradient(xa), eps
 
 

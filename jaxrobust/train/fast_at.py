@@ -55,7 +55,7 @@ import numpy as np
 import optax
 import flax.linen as nn
 
-from jaxrobust.attacks.common import steepest_ascent_step
+from jaxrobust.attacks.common import default_unroll, steepest_ascent_step
 from jaxrobust.data.augment import apply_crop_flip, invert_crop_flip
 from jaxrobust.models import forward_train, make_logits_fn
 from jaxrobust.train.objectives import (Objective, ObjectiveOutput, ce_and_accuracy, get_objective,
@@ -304,8 +304,10 @@ def cache_attack(ctx, params, model_state, extra, batch, key, step, *, adaptive:
         k = _positive_int(f.cache_steps, "cache_steps")
         alpha = _nonneg(f.atta_step, "atta_step") * eps
 
-        for _ in range(k):  # k is small and static (ATTA-1 / ATTA-k): unrolled
-            xa = _signed_step(threat, x, xa, _mean_ce_grad(logits_fn, xa, y, mask), alpha)
+        def attack_step(_, xa):
+            return _signed_step(threat, x, xa, _mean_ce_grad(logits_fn, xa, y, mask), alpha)
+        # unrolled on CPU, a rolled loop on GPU/TPU (attacks.common.default_unroll)
+        xa = jax.lax.fori_loop(0, k, attack_step, xa, unroll=default_unroll(k))
     xa = jax.lax.stop_gradient(xa)
     updates["delta"] = write_cache(xa - x, extra["instance"]["delta"][batch["index"]], batch,
                                    f.cache_dtype)

@@ -67,7 +67,8 @@ def build_dataset(config):
 
 
 def build_model(config, info):
-    kwargs = dict(config.model.kwargs)
+    # config.model.dtype: bf16 compute, float32 parameters (jaxrobust/models/__init__.py)
+    kwargs = jmodels.compute_dtype_kwargs(config.model.kwargs, config.model.dtype)
     if config.model.normalize and info.image_shape != (2,):
         kwargs.setdefault("mean", tuple(info.mean))
         kwargs.setdefault("std", tuple(info.std))
